@@ -1,0 +1,18 @@
+//! Generates the gRPC code from `proto/` with protox, so no system `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let files = protox::compile(["workload.proto"], ["proto"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("descriptor.bin"),
+        prost::Message::encode_to_vec(&files),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .file_descriptor_set_path(out.join("descriptor.bin"))
+        .skip_protoc_run()
+        .compile_fds(files)?;
+    Ok(())
+}

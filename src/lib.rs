@@ -1,0 +1,5 @@
+//! agentid: SPIFFE workload identity for AI agents.
+pub mod api;
+pub mod crypto;
+pub mod server;
+pub mod spiffe;
