@@ -1,0 +1,351 @@
+//! Reading policy files: YAML, one or more `AgentIdentity` documents per file.
+//!
+//! Every error names the file, the document (1-based) and the field, so an operator can fix a
+//! broken file without guessing; a reload that fails keeps the previous policies in force.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::schema::{AgentIdentity, normalize_sha256};
+use super::{
+    DEFAULT_JWT_TTL, DEFAULT_X509_TTL, JWT_TTL_RANGE, Policy, PolicySet, Template, X509_TTL_RANGE,
+};
+use crate::spiffe::TrustDomain;
+
+/// API version and kind every document must declare.
+pub const API_VERSION: &str = "agentid.dev/v1alpha1";
+pub const KIND: &str = "AgentIdentity";
+
+/// Why policies could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: document {doc}: {field}: {message}")]
+    Document {
+        file: String,
+        doc: usize,
+        field: String,
+        message: String,
+    },
+    #[error(
+        "{file}: document {doc}: metadata.name: duplicate policy name {name:?} (first defined in {first})"
+    )]
+    DuplicateName {
+        file: String,
+        doc: usize,
+        name: String,
+        first: String,
+    },
+    #[error("{0}: no policy files (*.yaml, *.yml) found")]
+    Empty(PathBuf),
+}
+
+/// Parses and validates the documents of one file. `file` names it in errors.
+pub fn parse_documents(
+    file: &str,
+    text: &str,
+    td: &TrustDomain,
+) -> Result<Vec<Policy>, PolicyError> {
+    let mut out = Vec::new();
+    for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let doc = i + 1;
+        let err = |field: &str, message: String| PolicyError::Document {
+            file: file.into(),
+            doc,
+            field: field.into(),
+            message,
+        };
+        // A document that is only comments or `---` deserializes as null: skip it.
+        let value =
+            serde_yaml_ng::Value::deserialize(de).map_err(|e| err("(document)", e.to_string()))?;
+        if value.is_null() {
+            continue;
+        }
+        let ai: AgentIdentity = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            err(
+                if path == "." { "(document)" } else { &path },
+                e.into_inner().to_string(),
+            )
+        })?;
+        out.push(
+            validate(ai, td, &format!("{file} (document {doc})"))
+                .map_err(|(field, message)| err(field, message))?,
+        );
+    }
+    Ok(out)
+}
+
+fn validate(
+    ai: AgentIdentity,
+    td: &TrustDomain,
+    origin: &str,
+) -> Result<Policy, (&'static str, String)> {
+    if ai.api_version != API_VERSION {
+        return Err((
+            "apiVersion",
+            format!("must be {API_VERSION:?}, found {:?}", ai.api_version),
+        ));
+    }
+    if ai.kind != KIND {
+        return Err(("kind", format!("must be {KIND:?}, found {:?}", ai.kind)));
+    }
+    let name = ai.metadata.name;
+    if !is_dns_subdomain(&name) {
+        return Err((
+            "metadata.name",
+            format!("{name:?} is not a lowercase DNS name (a-z, 0-9, '-', '.'; at most 253)"),
+        ));
+    }
+    let spec = ai.spec;
+    let template =
+        Template::parse(&spec.spiffe_id).map_err(|e| ("spec.spiffeID", e.to_string()))?;
+    template
+        .check(td, &name)
+        .map_err(|e| ("spec.spiffeID", e.to_string()))?;
+    if let Some(h) = &spec.hint {
+        if h.is_empty() || h.len() > 1024 {
+            return Err(("spec.hint", "must be 1 to 1024 bytes".into()));
+        }
+    }
+    if spec.selector.is_empty() {
+        return Err((
+            "spec.selector",
+            "must name at least one attribute (an empty selector would match every process)".into(),
+        ));
+    }
+    let mut selector = spec.selector;
+    if let Some(unix) = selector.unix.as_mut() {
+        if let Some(h) = unix.sha256.as_mut() {
+            let n = normalize_sha256(h);
+            if n.len() != 7 + 64 || !n[7..].bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err((
+                    "spec.selector.unix.sha256",
+                    format!("{h:?} is not a SHA-256 digest (64 hex digits)"),
+                ));
+            }
+            *h = n;
+        }
+        if unix.path.as_ref().is_some_and(|p| !p.starts_with('/')) {
+            return Err(("spec.selector.unix.path", "must be an absolute path".into()));
+        }
+    }
+    let x509_ttl = spec.x509_ttl.unwrap_or(DEFAULT_X509_TTL);
+    if !(X509_TTL_RANGE.0..=X509_TTL_RANGE.1).contains(&x509_ttl) {
+        return Err((
+            "spec.x509TTL",
+            format!(
+                "must be between {} and {}",
+                fmt(X509_TTL_RANGE.0),
+                fmt(X509_TTL_RANGE.1)
+            ),
+        ));
+    }
+    let jwt_ttl = spec.jwt_ttl.unwrap_or(DEFAULT_JWT_TTL);
+    if !(JWT_TTL_RANGE.0..=JWT_TTL_RANGE.1).contains(&jwt_ttl) {
+        return Err((
+            "spec.jwtTTL",
+            format!(
+                "must be between {} and {}",
+                fmt(JWT_TTL_RANGE.0),
+                fmt(JWT_TTL_RANGE.1)
+            ),
+        ));
+    }
+    Ok(Policy {
+        name,
+        origin: origin.to_owned(),
+        spiffe_id: template,
+        hint: spec.hint,
+        selector,
+        x509_ttl,
+        jwt_ttl,
+    })
+}
+
+fn fmt(d: std::time::Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(d)
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// Loads every policy named by `paths` (files, or directories of `*.yaml` / `*.yml`).
+///
+/// Files are read in sorted path order, so the order of identities is stable.
+pub fn load_paths(paths: &[PathBuf], td: &TrustDomain) -> Result<PolicySet, PolicyError> {
+    let mut files = Vec::new();
+    for path in paths {
+        let io = |source| PolicyError::Io {
+            path: path.clone(),
+            source,
+        };
+        if std::fs::metadata(path).map_err(io)?.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(io)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml") && p.is_file())
+                .collect();
+            if found.is_empty() {
+                return Err(PolicyError::Empty(path.clone()));
+            }
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    let mut policies: Vec<super::Policy> = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).map_err(|source| PolicyError::Io {
+            path: file.clone(),
+            source,
+        })?;
+        let name = file.display().to_string();
+        for p in parse_documents(&name, &text, td)? {
+            if let Some(first) = policies.iter().find(|q| q.name == p.name) {
+                let doc = p
+                    .origin
+                    .rsplit("document ")
+                    .next()
+                    .and_then(|s| s.trim_end_matches(')').parse().ok())
+                    .unwrap_or(0);
+                return Err(PolicyError::DuplicateName {
+                    file: name,
+                    doc,
+                    name: p.name,
+                    first: first.origin.clone(),
+                });
+            }
+            policies.push(p);
+        }
+    }
+    Ok(PolicySet::new(policies))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: agentid.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: myservice}
+spec:
+  spiffeID: "spiffe://{{ .TrustDomain }}/myservice"
+  hint: myservice
+  selector:
+    unix: {uid: 1000, sha256: "ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef0123456789"}
+  x509TTL: 1h
+  jwtTTL: 5m
+"#;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("td").unwrap()
+    }
+
+    fn err(text: &str) -> String {
+        parse_documents("f.yaml", text, &td())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn good_document() {
+        let p = parse_documents("f.yaml", GOOD, &td()).unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].x509_ttl.as_secs(), 3600);
+        assert_eq!(p[0].jwt_ttl.as_secs(), 300);
+        assert_eq!(p[0].origin, "f.yaml (document 1)");
+        assert!(
+            p[0].selector
+                .unix
+                .as_ref()
+                .unwrap()
+                .sha256
+                .as_ref()
+                .unwrap()
+                .starts_with("sha256:abcdef")
+        );
+    }
+
+    #[test]
+    fn errors_name_file_document_and_field() {
+        let second = format!("{GOOD}---\n{}", GOOD.replace("uid: 1000", "uidd: 1000"));
+        let e = err(&second);
+        assert!(
+            e.starts_with("f.yaml: document 2: spec.selector.unix.uidd: unknown field `uidd`"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("{{ .TrustDomain }}", "{{ .Nope }}"));
+        assert!(
+            e.starts_with("f.yaml: document 1: spec.spiffeID: unknown placeholder"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("/myservice\"", "/my%20service\""));
+        assert!(
+            e.contains("spec.spiffeID: result is not a valid SPIFFE ID"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("x509TTL: 1h", "x509TTL: 90d"));
+        assert!(e.contains("spec.x509TTL: must be between"), "{e}");
+        let e = err(&GOOD.replace("x509TTL: 1h", "x509TTL: soon"));
+        assert!(e.contains("spec.x509TTL"), "{e}");
+        let e = err(&GOOD.replace("kind: AgentIdentity", "kind: Other"));
+        assert!(e.contains("document 1: kind: must be"), "{e}");
+        let e = err(&GOOD.replace("unix: {uid: 1000, sha256: \"ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef0123456789\"}", "unix: {}"));
+        assert!(
+            e.contains("spec.selector: must name at least one attribute"),
+            "{e}"
+        );
+        let e = err("apiVersion: [");
+        assert!(e.starts_with("f.yaml: document 1: (document):"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_names_across_files_and_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        std::fs::write(dir.path().join("b.yml"), GOOD).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+        let e = load_paths(&[dir.path().to_owned()], &td())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("b.yml: document 1: metadata.name: duplicate policy name \"myservice\""),
+            "{e}"
+        );
+        std::fs::remove_file(dir.path().join("b.yml")).unwrap();
+        assert_eq!(
+            load_paths(&[dir.path().to_owned()], &td())
+                .unwrap()
+                .policies()
+                .len(),
+            1
+        );
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            load_paths(&[empty.path().to_owned()], &td()),
+            Err(PolicyError::Empty(_))
+        ));
+        assert!(matches!(
+            load_paths(&[dir.path().join("missing.yaml")], &td()),
+            Err(PolicyError::Io { .. })
+        ));
+    }
+}

@@ -1,0 +1,212 @@
+//! Policies (`AgentIdentity`): which workloads get which SPIFFE IDs, with which TTLs.
+//!
+//! Parsing, validation, template rendering and matching are pure; `load` reads files.
+mod facts;
+mod load;
+mod schema;
+mod template;
+
+pub use facts::{UnixFacts, WorkloadFacts};
+pub use load::{PolicyError, load_paths, parse_documents};
+pub use schema::{AgentIdentity, Metadata, Selector, Spec, UnixSelector};
+pub use template::{PLACEHOLDERS, Template, TemplateError};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+/// Default X509-SVID lifetime.
+pub const DEFAULT_X509_TTL: Duration = Duration::from_secs(3600);
+/// Default JWT-SVID lifetime (short, as the JWT-SVID standard encourages).
+pub const DEFAULT_JWT_TTL: Duration = Duration::from_secs(300);
+/// Bounds on configurable lifetimes.
+pub const X509_TTL_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(30 * 24 * 3600));
+pub const JWT_TTL_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(3600));
+
+/// A validated policy, ready to match.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub name: String,
+    /// Where it came from, for messages: `file (document N)` or `built-in`.
+    pub origin: String,
+    pub spiffe_id: Template,
+    pub hint: Option<String>,
+    pub selector: Selector,
+    pub x509_ttl: Duration,
+    pub jwt_ttl: Duration,
+}
+
+/// One identity a caller is entitled to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Entitlement {
+    pub policy: Arc<str>,
+    pub spiffe_id: SpiffeId,
+    pub hint: String,
+    pub x509_ttl: Duration,
+    pub jwt_ttl: Duration,
+}
+
+/// All policies in force, in a stable order: files sorted by path, documents in file order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PolicySet {
+    policies: Vec<Policy>,
+}
+
+impl PolicySet {
+    /// Wraps already validated policies (names must be unique).
+    pub fn new(policies: Vec<Policy>) -> Self {
+        Self { policies }
+    }
+
+    /// The policies, in order.
+    pub fn policies(&self) -> &[Policy] {
+        &self.policies
+    }
+
+    /// The identities a workload with `facts` is entitled to, first = default identity.
+    ///
+    /// Later duplicates of a SPIFFE ID or a hint are dropped so hints stay unique in a response
+    /// (SPIRE keeps the oldest entry too). Returns the entitlements and, separately, the
+    /// policies that matched but could not render a valid ID for this workload.
+    pub fn entitlements(
+        &self,
+        td: &TrustDomain,
+        facts: &WorkloadFacts,
+    ) -> (Vec<Entitlement>, Vec<(String, TemplateError)>) {
+        let mut out: Vec<Entitlement> = Vec::new();
+        let mut errors = Vec::new();
+        for p in &self.policies {
+            if !p.selector.matches(facts) {
+                continue;
+            }
+            let id = match p.spiffe_id.render_id(td, &p.name, facts) {
+                Ok(id) => id,
+                Err(e) => {
+                    errors.push((p.name.clone(), e));
+                    continue;
+                }
+            };
+            let hint = p.hint.clone().unwrap_or_default();
+            let dup = out
+                .iter()
+                .any(|e| e.spiffe_id == id || (!hint.is_empty() && e.hint == hint));
+            if !dup {
+                out.push(Entitlement {
+                    policy: p.name.as_str().into(),
+                    spiffe_id: id,
+                    hint,
+                    x509_ttl: p.x509_ttl,
+                    jwt_ttl: p.jwt_ttl,
+                });
+            }
+        }
+        (out, errors)
+    }
+
+    /// The built-in policy used when no policy file is given: processes of `uid` get
+    /// `spiffe://<td>/user/<name>`.
+    pub fn default_for_user(uid: u32, user_name: &str) -> Self {
+        // A user name that is not a valid path segment falls back to the numeric uid.
+        let segment_ok = !user_name.is_empty()
+            && user_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+            && user_name != "."
+            && user_name != "..";
+        let path = if segment_ok {
+            format!("/user/{user_name}")
+        } else {
+            format!("/uid/{uid}")
+        };
+        let template = Template::parse(&format!("spiffe://{{{{ .TrustDomain }}}}{path}"))
+            .expect("built-in template is valid");
+        Self::new(vec![Policy {
+            name: "default-user".into(),
+            origin: "built-in".into(),
+            spiffe_id: template,
+            hint: Some("default".into()),
+            selector: Selector {
+                unix: Some(UnixSelector {
+                    uid: Some(uid),
+                    ..Default::default()
+                }),
+            },
+            x509_ttl: DEFAULT_X509_TTL,
+            jwt_ttl: DEFAULT_JWT_TTL,
+        }])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(uid: u32) -> WorkloadFacts {
+        WorkloadFacts {
+            unix: Some(UnixFacts {
+                uid,
+                gid: 100,
+                supplementary_gids: vec![5, 6],
+                user_name: Some("ada".into()),
+                path: Some("/bin/agent".into()),
+                sha256: Some("sha256:aa".into()),
+            }),
+        }
+    }
+
+    #[test]
+    fn two_policies_two_identities_in_order_and_duplicates_dropped() {
+        let yaml = r#"
+apiVersion: agentid.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: b-second}
+spec:
+  spiffeID: "spiffe://{{ .TrustDomain }}/svc/b"
+  hint: b
+  selector: {unix: {uid: 1000}}
+---
+apiVersion: agentid.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: a-first}
+spec:
+  spiffeID: "spiffe://{{ .TrustDomain }}/uid/{{ .UID }}"
+  hint: a
+  selector: {unix: {uid: 1000, gid: 100, supplementaryGid: 6}}
+---
+apiVersion: agentid.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: dup-hint}
+spec:
+  spiffeID: "spiffe://{{ .TrustDomain }}/svc/c"
+  hint: b
+  selector: {unix: {uid: 1000}}
+"#;
+        let td = TrustDomain::new("td").unwrap();
+        let set = PolicySet::new(parse_documents("p.yaml", yaml, &td).unwrap());
+        let (ents, errs) = set.entitlements(&td, &facts(1000));
+        assert!(errs.is_empty());
+        let ids: Vec<String> = ents.iter().map(|e| e.spiffe_id.to_string()).collect();
+        assert_eq!(
+            ids,
+            ["spiffe://td/svc/b", "spiffe://td/uid/1000"],
+            "file order, duplicate hint dropped"
+        );
+        assert_eq!(ents[0].hint, "b");
+        assert!(set.entitlements(&td, &facts(1001)).0.is_empty());
+    }
+
+    #[test]
+    fn default_policy_names_the_user() {
+        let td = TrustDomain::new("td").unwrap();
+        let set = PolicySet::default_for_user(1000, "ada");
+        let (ents, _) = set.entitlements(&td, &facts(1000));
+        assert_eq!(ents[0].spiffe_id.to_string(), "spiffe://td/user/ada");
+        let odd = PolicySet::default_for_user(7, "a@b");
+        assert_eq!(
+            odd.entitlements(&td, &facts(7)).0[0].spiffe_id.to_string(),
+            "spiffe://td/uid/7"
+        );
+    }
+}
