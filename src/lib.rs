@@ -1,6 +1,18 @@
 //! agentid: SPIFFE workload identity for AI agents.
+//!
+//! Pure modules at the bottom (`spiffe`, `policy`), the crypto boundary (`crypto`), the
+//! two trust boundaries (`server`: the authority; `node`: the Workload API daemon), and
+//! `up`, the only place that links both into one process.
+pub mod admin;
 pub mod api;
+pub mod audit;
+pub mod cli;
+pub mod client;
+pub mod commands;
 pub mod crypto;
+pub mod metrics;
+pub mod node;
 pub mod policy;
 pub mod server;
 pub mod spiffe;
+pub mod up;

@@ -1,1 +1,113 @@
-fn main() {}
+//! The `agentid` binary: parse the command line, set up logging, run.
+
+use std::process::ExitCode;
+
+use agentid::cli::{AuditCommand, BundleCommand, Cli, Command, JwtCommand, LogFormat, X509Command};
+use agentid::{commands, up};
+use clap::Parser;
+
+/// Exit code for configuration errors (EX_CONFIG is 78; 64 is EX_USAGE, what DESIGN.md asks).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("agentid: starting runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("agentid: configuration error: {e:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("agentid: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Config(anyhow::Error),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
+
+async fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Up(args) => {
+            let config = up::UpConfig {
+                trust_domain: args.trust_domain,
+                state_dir: args
+                    .state_dir
+                    .unwrap_or_else(agentid::cli::default_state_dir),
+                socket: args.socket.unwrap_or_else(agentid::cli::default_socket),
+                policy: args.policy,
+                admin_addr: args.admin_addr,
+                admin_allow_remote: args.admin_allow_remote,
+            };
+            tracing::info!(config = ?config, "starting agentid up");
+            let up = up::build(config).await.map_err(|e| {
+                if e.downcast_ref::<agentid::policy::PolicyError>().is_some() {
+                    Failure::Config(e)
+                } else {
+                    Failure::Other(e)
+                }
+            })?;
+            print!("{}", up.banner());
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            up.serve(shutdown_signal()).await?;
+            tracing::info!("agentid up stopped");
+            Ok(())
+        }
+        Command::X509(X509Command::Fetch { client, out }) => {
+            Ok(commands::x509_fetch(client, out.as_deref()).await?)
+        }
+        Command::Jwt(JwtCommand::Fetch {
+            client,
+            audience,
+            spiffe_id,
+        }) => Ok(commands::jwt_fetch(client, audience, spiffe_id).await?),
+        Command::Jwt(JwtCommand::Validate {
+            client,
+            audience,
+            token,
+        }) => Ok(commands::jwt_validate(client, audience, token).await?),
+        Command::Bundle(BundleCommand::Show { client }) => Ok(commands::bundle_show(client).await?),
+        Command::Audit(AuditCommand::Verify { file, any_start }) => {
+            Ok(commands::audit_verify(&file, any_start)?)
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

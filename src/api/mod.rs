@@ -1,5 +1,9 @@
-//! Generated Workload API code.
+//! Generated Workload API code. Proto types stay inside this module and the services that
+//! implement it; domain code never sees them.
 #[allow(clippy::all, missing_docs)]
 pub mod workload {
     tonic::include_proto!("_");
 }
+
+/// Encoded descriptors of our protos, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");

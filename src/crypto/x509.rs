@@ -35,7 +35,7 @@ pub enum X509Error {
 }
 
 /// One non-critical extension to add to a leaf (composite identity claims).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Extension {
     pub oid: Vec<u64>,
     /// DER-encoded extension value (inside the OCTET STRING).

@@ -108,10 +108,12 @@ fn validate(
     template
         .check(td, &name)
         .map_err(|e| ("spec.spiffeID", e.to_string()))?;
-    if let Some(h) = &spec.hint {
-        if h.is_empty() || h.len() > 1024 {
-            return Err(("spec.hint", "must be 1 to 1024 bytes".into()));
-        }
+    if spec
+        .hint
+        .as_ref()
+        .is_some_and(|h| h.is_empty() || h.len() > 1024)
+    {
+        return Err(("spec.hint", "must be 1 to 1024 bytes".into()));
     }
     if spec.selector.is_empty() {
         return Err((

@@ -1,0 +1,161 @@
+//! Command line: every flag can also come from an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::spiffe::TrustDomain;
+
+/// SPIFFE workload identity for AI agents.
+#[derive(Debug, Parser)]
+#[command(name = "agentid", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, env = "AGENTID_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing-subscriber EnvFilter syntax, e.g. `info,agentid=debug`).
+    #[arg(long, env = "AGENTID_LOG", default_value = "info", global = true)]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a whole trust domain on this machine: authority and Workload API in one process.
+    Up(UpArgs),
+    /// X509-SVIDs from the Workload API.
+    #[command(subcommand)]
+    X509(X509Command),
+    /// JWT-SVIDs from the Workload API.
+    #[command(subcommand)]
+    Jwt(JwtCommand),
+    /// Trust bundles from the Workload API.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// The audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Trust domain name.
+    #[arg(long, env = "AGENTID_TRUST_DOMAIN", default_value = "agentid.local")]
+    pub trust_domain: TrustDomain,
+    /// Directory for keys and the audit log (default: $XDG_STATE_HOME/agentid or ~/.local/state/agentid).
+    #[arg(long, env = "AGENTID_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Workload API socket path (default: $XDG_RUNTIME_DIR/agentid/workload.sock or /tmp/agentid/workload.sock).
+    #[arg(long, env = "AGENTID_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Policy file or directory of *.yaml files; repeatable. Without it, a built-in policy
+    /// gives processes of the current user the ID spiffe://<td>/user/<name>.
+    #[arg(long, env = "AGENTID_POLICY", value_delimiter = ',')]
+    pub policy: Vec<PathBuf>,
+    /// Admin HTTP listener (healthz, readyz, metrics, config).
+    #[arg(long, env = "AGENTID_ADMIN_ADDR", default_value = "127.0.0.1:9464")]
+    pub admin_addr: SocketAddr,
+    /// Allow a non-loopback admin address.
+    #[arg(long, env = "AGENTID_ADMIN_ALLOW_REMOTE")]
+    pub admin_allow_remote: bool,
+}
+
+/// Where the client finds the Workload API.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Workload API socket: a path or unix:///path.
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
+    pub socket: Option<String>,
+    /// Machine-readable JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum X509Command {
+    /// Fetch this process's X509-SVIDs; with --out, write svid.pem, svid.key (0600) and bundle.pem.
+    Fetch {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Directory to write PEM files into.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JwtCommand {
+    /// Fetch a JWT-SVID for one or more audiences.
+    Fetch {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Audience (repeatable).
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+        /// Only this identity (default: every identity the process has).
+        #[arg(long)]
+        spiffe_id: Option<String>,
+    },
+    /// Validate a JWT-SVID through the Workload API.
+    Validate {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The audience the token must carry.
+        #[arg(long)]
+        audience: String,
+        /// The token (`-` reads it from stdin).
+        token: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Show the X.509 and JWT bundles this process may use.
+    Show {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verify the hash chain of an audit log.
+    Verify {
+        /// The audit log file.
+        file: PathBuf,
+        /// Accept a log that starts after seq 1 (a rotated log).
+        #[arg(long)]
+        any_start: bool,
+    },
+}
+
+/// `$XDG_STATE_HOME/agentid`, else `~/.local/state/agentid`.
+pub fn default_state_dir() -> PathBuf {
+    let env = |k| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    match (env("XDG_STATE_HOME"), env("HOME")) {
+        (Some(x), _) => x.join("agentid"),
+        (None, Some(h)) => h.join(".local/state/agentid"),
+        (None, None) => PathBuf::from("/var/lib/agentid"),
+    }
+}
+
+/// `$XDG_RUNTIME_DIR/agentid/workload.sock`, else `/tmp/agentid/workload.sock`.
+pub fn default_socket() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d).join("agentid/workload.sock"),
+        None => PathBuf::from("/tmp/agentid/workload.sock"),
+    }
+}

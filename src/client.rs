@@ -1,0 +1,111 @@
+//! A Workload API client over a Unix socket, for the CLI and the benchmark.
+
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::TokioIo;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::api::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+
+/// Why the client could not connect.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "no Workload API socket given: pass --socket or set SPIFFE_ENDPOINT_SOCKET (is `agentid up` running? it prints the value)"
+    )]
+    NoSocket,
+    #[error(
+        "{0:?} is not a unix socket address (expected unix:///path or an absolute path); this client speaks only Unix sockets"
+    )]
+    BadAddress(String),
+    #[error(
+        "no Workload API socket at {0}: is `agentid up` running, and is this the path it printed?"
+    )]
+    Missing(PathBuf),
+    #[error("connecting to {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: tonic::transport::Error,
+    },
+}
+
+/// Adds the mandatory `workload.spiffe.io: true` metadata to every call.
+#[derive(Clone, Copy, Default)]
+pub struct SecurityHeader;
+
+impl Interceptor for SecurityHeader {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert(
+            "workload.spiffe.io",
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        Ok(req)
+    }
+}
+
+/// A connected Workload API client.
+pub type Client = SpiffeWorkloadApiClient<InterceptedService<Channel, SecurityHeader>>;
+
+/// Resolves `--socket` / `SPIFFE_ENDPOINT_SOCKET` (a path, `unix:///path` or `unix:/path`).
+pub fn socket_path(arg: Option<&str>) -> Result<PathBuf, ClientError> {
+    let raw = arg.filter(|s| !s.is_empty()).ok_or(ClientError::NoSocket)?;
+    let path = raw
+        .strip_prefix("unix://")
+        .or_else(|| raw.strip_prefix("unix:"))
+        .unwrap_or(raw);
+    if !path.starts_with('/') {
+        return Err(ClientError::BadAddress(raw.to_owned()));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Opens a channel to the socket at `path`.
+pub async fn connect(path: &Path) -> Result<Client, ClientError> {
+    if !path.exists() {
+        return Err(ClientError::Missing(path.to_owned()));
+    }
+    let owned = path.to_owned();
+    // The URI is a placeholder: the connector ignores it and dials the socket.
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = owned.clone();
+            async move { tokio::net::UnixStream::connect(p).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|source| ClientError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(SpiffeWorkloadApiClient::with_interceptor(
+        channel,
+        SecurityHeader,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_forms() {
+        assert_eq!(
+            socket_path(Some("unix:///run/a.sock")).unwrap(),
+            PathBuf::from("/run/a.sock")
+        );
+        assert_eq!(
+            socket_path(Some("unix:/run/a.sock")).unwrap(),
+            PathBuf::from("/run/a.sock")
+        );
+        assert_eq!(
+            socket_path(Some("/run/a.sock")).unwrap(),
+            PathBuf::from("/run/a.sock")
+        );
+        assert!(matches!(
+            socket_path(Some("tcp://127.0.0.1:1")),
+            Err(ClientError::BadAddress(_))
+        ));
+        assert!(matches!(socket_path(None), Err(ClientError::NoSocket)));
+    }
+}

@@ -1,0 +1,430 @@
+//! The SVID cache: the node daemon answers fetches from memory.
+//!
+//! One X509-SVID per (SPIFFE ID, TTL, extensions), issued on first use and shared by every
+//! workload entitled to it. A background worker renews each one at about half its lifetime
+//! (with jitter, so a fleet does not renew in lockstep), keeps the still-valid SVID when a
+//! renewal fails and retries with backoff, and forgets an SVID that nobody fetched since its
+//! last renewal. Every change bumps a generation counter that open streams watch.
+//!
+//! Timers use tokio's clock, so the rotation logic is tested under paused time.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use super::issuer::{IssueError, JwtRequest, SvidIssuer, X509Request};
+use crate::audit::{
+    Action, Attestation, AuditEvent, AuditLog, Credential, CredentialKind, Decision, Identity,
+    Requester,
+};
+use crate::crypto::PrivateKey;
+use crate::crypto::x509::{CertInfo, Extension};
+use crate::metrics::{IdLabels, KindLabels, NodeMetrics};
+use crate::spiffe::SpiffeId;
+
+/// What identifies one cached X509-SVID.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SvidKey {
+    pub spiffe_id: SpiffeId,
+    pub ttl: Duration,
+    pub extensions: Vec<Extension>,
+}
+
+/// An X509-SVID with its private key, as handed to workloads.
+pub struct X509Svid {
+    pub spiffe_id: SpiffeId,
+    /// DER certificates, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// Unencrypted PKCS#8 DER.
+    pub key_pkcs8: Vec<u8>,
+    pub not_after: SystemTime,
+    pub serial: String,
+}
+
+impl std::fmt::Debug for X509Svid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("X509Svid")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("serial", &self.serial)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who asked, for the audit trail.
+#[derive(Debug, Clone, Default)]
+pub struct IssueContext {
+    pub pid: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub selectors: Vec<String>,
+    pub policy: String,
+}
+
+struct Slot {
+    current: Option<Arc<X509Svid>>,
+    /// When the worker renews it.
+    refresh_at: Instant,
+    /// When the current SVID was issued (tokio clock), to tell whether anyone used it since.
+    issued_at: Instant,
+    last_used: Instant,
+    backoff: Duration,
+    context: IssueContext,
+}
+
+/// (identity, audiences, TTL, extra claims as JSON).
+type JwtKey = (SpiffeId, Vec<String>, Duration, String);
+
+struct JwtEntry {
+    token: String,
+    refresh_at: Instant,
+}
+
+/// Shortest wait between failed renewals, and the cap of the exponential backoff.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const JWT_CACHE_MAX: usize = 10_000;
+
+struct Inner {
+    issuer: Arc<dyn SvidIssuer>,
+    slots: Mutex<HashMap<SvidKey, Slot>>,
+    issuing: tokio::sync::Mutex<()>,
+    jwts: Mutex<HashMap<JwtKey, JwtEntry>>,
+    generation: watch::Sender<u64>,
+    wake: Arc<Notify>,
+    audit: AuditLog,
+    metrics: NodeMetrics,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Lets the worker notice that the cache is gone and exit.
+        self.wake.notify_one();
+    }
+}
+
+/// Cheap cloneable handle to the cache and its renewal worker.
+#[derive(Clone)]
+pub struct SvidCache {
+    inner: Arc<Inner>,
+}
+
+impl SvidCache {
+    /// Creates the cache and starts its renewal worker on the current runtime.
+    pub fn new(issuer: Arc<dyn SvidIssuer>, audit: AuditLog, metrics: NodeMetrics) -> Self {
+        let wake = Arc::new(Notify::new());
+        let inner = Arc::new(Inner {
+            issuer,
+            slots: Mutex::default(),
+            issuing: tokio::sync::Mutex::new(()),
+            jwts: Mutex::default(),
+            generation: watch::Sender::new(0),
+            wake: wake.clone(),
+            audit,
+            metrics,
+        });
+        tokio::spawn(worker(Arc::downgrade(&inner), wake));
+        Self { inner }
+    }
+
+    /// Changes whenever a cached SVID is renewed or forgotten.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.generation.subscribe()
+    }
+
+    /// The SVID for `key`, issuing it if there is none or the cached one has expired.
+    pub async fn x509(
+        &self,
+        key: &SvidKey,
+        ctx: &IssueContext,
+    ) -> Result<Arc<X509Svid>, IssueError> {
+        if let Some(svid) = self.cached(key) {
+            return Ok(svid);
+        }
+        // One issuance at a time: concurrent first fetches of one identity share the result.
+        let _guard = self.inner.issuing.lock().await;
+        if let Some(svid) = self.cached(key) {
+            return Ok(svid);
+        }
+        let svid = self.inner.issue(key, ctx, Action::Issued).await?;
+        let now = Instant::now();
+        let mut slots = self.inner.slots.lock().expect("slots");
+        slots.insert(
+            key.clone(),
+            Slot {
+                refresh_at: refresh_time(now, &svid),
+                current: Some(svid.clone()),
+                issued_at: now,
+                last_used: now,
+                backoff: BACKOFF_MIN,
+                context: ctx.clone(),
+            },
+        );
+        drop(slots);
+        self.inner.wake.notify_one();
+        Ok(svid)
+    }
+
+    fn cached(&self, key: &SvidKey) -> Option<Arc<X509Svid>> {
+        let mut slots = self.inner.slots.lock().expect("slots");
+        let slot = slots.get_mut(key)?;
+        let svid = slot
+            .current
+            .clone()
+            .filter(|s| s.not_after > SystemTime::now())?;
+        slot.last_used = Instant::now();
+        Some(svid)
+    }
+
+    /// A JWT-SVID for `req`, reused until half its lifetime has passed.
+    pub async fn jwt(&self, req: JwtRequest, ctx: &IssueContext) -> Result<String, IssueError> {
+        let claims = serde_json::to_string(&req.claims).unwrap_or_default();
+        let key = (req.spiffe_id.clone(), req.audience.clone(), req.ttl, claims);
+        let now = Instant::now();
+        if let Some(e) = self
+            .inner
+            .jwts
+            .lock()
+            .expect("jwts")
+            .get(&key)
+            .filter(|e| e.refresh_at > now)
+        {
+            return Ok(e.token.clone());
+        }
+        let (id, aud, ttl) = (req.spiffe_id.clone(), req.audience.clone(), req.ttl);
+        let token = self.inner.issuer.sign_jwt(req).await?;
+        self.inner
+            .metrics
+            .issuances
+            .get_or_create(&KindLabels { kind: "jwt-svid" })
+            .inc();
+        self.inner.audit_issue(
+            Action::Issued,
+            &id,
+            Credential::new(CredentialKind::JwtSvid)
+                .aud(aud)
+                .not_after((SystemTime::now() + ttl).into()),
+            ctx,
+        );
+        let mut jwts = self.inner.jwts.lock().expect("jwts");
+        if jwts.len() >= JWT_CACHE_MAX {
+            jwts.retain(|_, e| e.refresh_at > now);
+            if jwts.len() >= JWT_CACHE_MAX {
+                jwts.clear();
+            }
+        }
+        jwts.insert(
+            key,
+            JwtEntry {
+                token: token.clone(),
+                refresh_at: now + ttl / 2,
+            },
+        );
+        Ok(token)
+    }
+
+    /// Number of X509-SVIDs held.
+    pub fn len(&self) -> usize {
+        self.inner.slots.lock().expect("slots").len()
+    }
+
+    /// True when no X509-SVID is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Inner {
+    async fn issue(
+        &self,
+        key: &SvidKey,
+        ctx: &IssueContext,
+        action: Action,
+    ) -> Result<Arc<X509Svid>, IssueError> {
+        // Workload keys are generated here, on the node, and never leave it except to the workload.
+        let private = PrivateKey::generate().map_err(|e| IssueError(e.to_string()))?;
+        let req = X509Request {
+            spiffe_id: key.spiffe_id.clone(),
+            spki_der: private.spki_der(),
+            ttl: key.ttl,
+            extensions: key.extensions.clone(),
+        };
+        let chain = self.issuer.sign_x509(req).await?;
+        let leaf = chain
+            .first()
+            .cloned()
+            .ok_or_else(|| IssueError("issuer returned an empty chain".into()))?;
+        let info = CertInfo::parse(&leaf)
+            .map_err(|e| IssueError(format!("issuer returned a bad certificate: {e}")))?;
+        if info.spiffe_id.as_ref() != Some(&key.spiffe_id) || info.spki_der != private.spki_der() {
+            // Never hand out a certificate that is not for this identity and this key.
+            return Err(IssueError(
+                "issuer returned a certificate for another identity or key".into(),
+            ));
+        }
+        let svid = Arc::new(X509Svid {
+            spiffe_id: key.spiffe_id.clone(),
+            key_pkcs8: private.pkcs8_der(),
+            not_after: info.not_after,
+            serial: info.serial_hex.clone(),
+            chain,
+        });
+        self.metrics
+            .issuances
+            .get_or_create(&KindLabels { kind: "x509-svid" })
+            .inc();
+        self.metrics
+            .svid_expiry
+            .get_or_create(&IdLabels {
+                spiffe_id: key.spiffe_id.to_string(),
+            })
+            .set(unix_secs(info.not_after));
+        self.audit_issue(
+            action,
+            &key.spiffe_id,
+            Credential::new(CredentialKind::X509Svid)
+                .serial(info.serial_hex)
+                .fingerprint_of(&leaf)
+                .not_after(info.not_after.into()),
+            ctx,
+        );
+        Ok(svid)
+    }
+
+    fn audit_issue(
+        &self,
+        action: Action,
+        id: &SpiffeId,
+        credential: Credential,
+        ctx: &IssueContext,
+    ) {
+        let event = AuditEvent::new(action, id.to_string())
+            .decision(
+                Decision::allow()
+                    .policy(&ctx.policy)
+                    .reason("policy matched"),
+            )
+            .credential(credential)
+            .identity(Identity {
+                spiffe_id: Some(id.to_string()),
+                ..Default::default()
+            })
+            .attestation(Attestation {
+                selectors: ctx.selectors.clone(),
+                node: None,
+            })
+            .requester(Requester {
+                pid: ctx.pid,
+                uid: ctx.uid,
+                gid: ctx.gid,
+            });
+        if let Err(e) = self.audit.record(event) {
+            tracing::error!(error = %e, "writing audit record");
+        }
+    }
+
+    /// Renews every slot that is due; forgets the ones nobody used since their last issuance.
+    async fn renew_due(&self) -> bool {
+        let now = Instant::now();
+        let due: Vec<(SvidKey, IssueContext)> = {
+            let mut slots = self.slots.lock().expect("slots");
+            slots.retain(|key, s| {
+                let idle =
+                    s.refresh_at <= now && s.last_used < s.issued_at + Duration::from_millis(1);
+                if idle {
+                    self.metrics.svid_expiry.remove(&IdLabels {
+                        spiffe_id: key.spiffe_id.to_string(),
+                    });
+                }
+                !idle
+            });
+            slots
+                .iter()
+                .filter(|(_, s)| s.refresh_at <= now)
+                .map(|(k, s)| (k.clone(), s.context.clone()))
+                .collect()
+        };
+        let mut changed = false;
+        for (key, ctx) in due {
+            let result = {
+                let _guard = self.issuing.lock().await;
+                self.issue(&key, &ctx, Action::Renewed).await
+            };
+            let mut slots = self.slots.lock().expect("slots");
+            let Some(slot) = slots.get_mut(&key) else {
+                continue;
+            };
+            match result {
+                Ok(svid) => {
+                    let now = Instant::now();
+                    slot.refresh_at = refresh_time(now, &svid);
+                    slot.current = Some(svid);
+                    slot.issued_at = now;
+                    slot.backoff = BACKOFF_MIN;
+                    changed = true;
+                }
+                Err(e) => {
+                    // Keep serving the still-valid SVID; retry sooner than it expires.
+                    self.metrics.renewal_failures.inc();
+                    tracing::warn!(spiffe_id = %key.spiffe_id, error = %e, retry_in = ?slot.backoff, "SVID renewal failed");
+                    slot.refresh_at = Instant::now() + slot.backoff;
+                    slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+        changed
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.slots
+            .lock()
+            .expect("slots")
+            .values()
+            .map(|s| s.refresh_at)
+            .min()
+    }
+}
+
+async fn worker(inner: Weak<Inner>, wake: Arc<Notify>) {
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let deadline = strong.next_deadline();
+        drop(strong);
+        match deadline {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = wake.notified() => continue,
+                }
+            }
+            None => wake.notified().await,
+        }
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        if strong.renew_due().await {
+            strong.generation.send_modify(|g| *g += 1);
+        }
+    }
+}
+
+/// Half the remaining lifetime, plus or minus up to a tenth of it.
+fn refresh_time(now: Instant, svid: &X509Svid) -> Instant {
+    let lifetime = svid
+        .not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    let tenth = lifetime / 10;
+    let jitter = tenth.mul_f64(fastrand::f64() * 2.0);
+    now + (lifetime / 2).saturating_sub(tenth) + jitter
+}
+
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

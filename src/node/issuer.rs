@@ -1,0 +1,68 @@
+//! The seam between the node daemon and whoever signs for it.
+//!
+//! In `agentid up` the authority runs in the same process; in cluster mode this trait is
+//! implemented by a client of `agentid server`. The node daemon never holds CA keys.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+
+use crate::crypto::x509::Extension;
+use crate::spiffe::{SpiffeBundle, SpiffeId, TrustDomain};
+
+/// Why a signing request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct IssueError(pub String);
+
+/// A request to sign an X509-SVID over a public key the node generated.
+#[derive(Debug, Clone)]
+pub struct X509Request {
+    pub spiffe_id: SpiffeId,
+    pub spki_der: Vec<u8>,
+    pub ttl: Duration,
+    pub extensions: Vec<Extension>,
+}
+
+/// A request to sign a JWT-SVID.
+#[derive(Debug, Clone)]
+pub struct JwtRequest {
+    pub spiffe_id: SpiffeId,
+    pub audience: Vec<String>,
+    pub ttl: Duration,
+    pub claims: Map<String, Value>,
+}
+
+/// Trust material the node distributes: its own trust domain's bundle and federated ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrustBundles {
+    pub trust_domain: TrustDomain,
+    pub own: Arc<SpiffeBundle>,
+    /// Foreign trust domains only (never the own one, X-08).
+    pub federated: BTreeMap<TrustDomain, Arc<SpiffeBundle>>,
+}
+
+impl TrustBundles {
+    /// The bundle of `td`, own or federated.
+    pub fn get(&self, td: &TrustDomain) -> Option<&SpiffeBundle> {
+        if td == &self.trust_domain {
+            Some(&self.own)
+        } else {
+            self.federated.get(td).map(|b| &**b)
+        }
+    }
+}
+
+/// Signs SVIDs for the node daemon.
+#[async_trait::async_trait]
+pub trait SvidIssuer: Send + Sync + 'static {
+    /// Signs an X509-SVID; returns the chain, leaf first.
+    async fn sign_x509(&self, req: X509Request) -> Result<Vec<Vec<u8>>, IssueError>;
+    /// Signs a JWT-SVID.
+    async fn sign_jwt(&self, req: JwtRequest) -> Result<String, IssueError>;
+    /// The trust bundles, updated on every change.
+    fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>>;
+}

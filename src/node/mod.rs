@@ -1,0 +1,50 @@
+//! The node daemon: serves the SPIFFE Workload API on a Unix socket and attests callers.
+pub mod attest;
+pub mod cache;
+pub mod h2_authority;
+pub mod issuer;
+pub mod peer;
+pub mod policy_watch;
+pub mod uds;
+pub mod workload_api;
+
+use std::future::Future;
+
+use tonic::transport::Server;
+
+use crate::api::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use uds::WorkloadSocket;
+use workload_api::{WorkloadApi, check_security_header};
+
+/// Why serving stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("serving the Workload API: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("building reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves the Workload API, gRPC health and server reflection on `socket` until `shutdown`.
+pub async fn serve(
+    mut socket: WorkloadSocket,
+    api: WorkloadApi,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let workload = SpiffeWorkloadApiServer::with_interceptor(api, check_security_header);
+    Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(workload)
+        .serve_with_incoming_shutdown(socket.incoming(), shutdown)
+        .await?;
+    Ok(())
+}

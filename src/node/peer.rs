@@ -1,0 +1,102 @@
+//! Who is on the other end of a Workload API connection, as the kernel reports it.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+use tokio::net::UnixStream;
+
+/// Kernel-reported credentials of a connected peer, taken when the connection is accepted.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+    /// A pidfd naming exactly the peer process, to detect that it exited (pid reuse guard).
+    pidfd: Option<Arc<OwnedFd>>,
+}
+
+/// Why peer credentials could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("reading peer credentials: {0}")]
+    Creds(std::io::Error),
+    #[error("peer has no pid (connection from another pid namespace?)")]
+    NoPid,
+}
+
+impl PeerInfo {
+    /// Reads `SO_PEERCRED` and `SO_PEERPIDFD` from an accepted connection.
+    pub fn from_stream(stream: &UnixStream) -> Result<Self, PeerError> {
+        let cred = stream.peer_cred().map_err(PeerError::Creds)?;
+        let pid = cred.pid().filter(|p| *p > 0).ok_or(PeerError::NoPid)?;
+        let pidfd = peer_pidfd(stream.as_raw_fd())
+            .or_else(|| pidfd_open(pid))
+            .map(Arc::new);
+        Ok(Self {
+            pid,
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pidfd,
+        })
+    }
+
+    /// Credentials for the current process (used by in-process callers and tests).
+    pub fn current_process() -> Self {
+        let pid = std::process::id() as i32;
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Self {
+            pid,
+            uid,
+            gid,
+            pidfd: pidfd_open(pid).map(Arc::new),
+        }
+    }
+
+    /// The peer as an audit record's requester.
+    pub fn requester(&self) -> crate::audit::Requester {
+        crate::audit::Requester::peer(self.pid as u32, self.uid, self.gid)
+    }
+
+    /// False once the peer process has exited. Without a pidfd, falls back to `/proc/<pid>`.
+    pub fn is_alive(&self) -> bool {
+        match &self.pidfd {
+            Some(fd) => {
+                // A pidfd becomes readable when its process exits.
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, zero timeout.
+                let n = unsafe { libc::poll(&mut p, 1, 0) };
+                n == 0
+            }
+            None => std::path::Path::new(&format!("/proc/{}", self.pid)).exists(),
+        }
+    }
+}
+
+fn peer_pidfd(sock: i32) -> Option<OwnedFd> {
+    const SO_PEERPIDFD: libc::c_int = 77; // Linux 6.5+
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `fd`.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: on success the kernel handed us a new file descriptor we now own.
+    (rc == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: plain syscall; a non-negative result is a new fd we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}

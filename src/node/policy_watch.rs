@@ -1,0 +1,108 @@
+//! Keeps the policies in force current: reloads on SIGHUP and when a policy file changes.
+//!
+//! A reload that fails leaves the last good policies in force; the error is logged, counted
+//! and audited, so an operator's typo never takes identities away from running agents.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, watch};
+
+use crate::audit::{Action, AuditEvent, AuditLog, Decision};
+use crate::metrics::NodeMetrics;
+use crate::policy::{PolicySet, load_paths};
+use crate::spiffe::TrustDomain;
+
+/// Quiet period after a file event before reloading: editors write files in several steps.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Watches `paths` and publishes each successfully loaded policy set on `tx`.
+///
+/// Returns once the watches are in place; reloading continues in a background task.
+pub fn spawn(
+    paths: Vec<PathBuf>,
+    td: TrustDomain,
+    tx: watch::Sender<Arc<PolicySet>>,
+    audit: AuditLog,
+    metrics: NodeMetrics,
+) -> Result<(), notify::Error> {
+    let (events_tx, mut events) = mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = events_tx.send(());
+        }
+    })?;
+    for p in &paths {
+        // Watch the directory holding a file too: editors and `kubectl` replace files by rename.
+        let target = if p.is_dir() {
+            p.clone()
+        } else {
+            p.parent().map(PathBuf::from).unwrap_or_else(|| p.clone())
+        };
+        watcher.watch(&target, RecursiveMode::NonRecursive)?;
+    }
+    let mut hup = signal(SignalKind::hangup()).map_err(notify::Error::io)?;
+    tokio::spawn(async move {
+        let _watcher = watcher; // dropped (and unwatched) when the task ends
+        loop {
+            tokio::select! {
+                _ = hup.recv() => tracing::info!("SIGHUP: reloading policies"),
+                ev = events.recv() => {
+                    if ev.is_none() { return; }
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while events.try_recv().is_ok() {}
+                }
+                _ = tx.closed() => return,
+            }
+            reload(&paths, &td, &tx, &audit, &metrics);
+        }
+    });
+    Ok(())
+}
+
+fn reload(
+    paths: &[PathBuf],
+    td: &TrustDomain,
+    tx: &watch::Sender<Arc<PolicySet>>,
+    audit: &AuditLog,
+    metrics: &NodeMetrics,
+) {
+    match load_paths(paths, td) {
+        Ok(set) => {
+            let changed = tx.send_if_modified(|cur| {
+                if **cur == set {
+                    return false;
+                }
+                *cur = Arc::new(set.clone());
+                true
+            });
+            if changed {
+                let names: Vec<&str> = set.policies().iter().map(|p| p.name.as_str()).collect();
+                tracing::info!(policies = ?names, "policies reloaded");
+                record(
+                    audit,
+                    AuditEvent::new(Action::PolicyLoaded, "policies")
+                        .decision(Decision::allow().reason(format!("loaded {}", names.join(", ")))),
+                );
+            }
+        }
+        Err(e) => {
+            metrics.policy_reload_failures.inc();
+            tracing::error!(error = %e, "policy reload refused; the previous policies stay in force");
+            record(
+                audit,
+                AuditEvent::new(Action::PolicyRejected, "policies")
+                    .decision(Decision::deny(e.to_string())),
+            );
+        }
+    }
+}
+
+fn record(audit: &AuditLog, event: AuditEvent) {
+    if let Err(e) = audit.record(event) {
+        tracing::error!(error = %e, "writing audit record");
+    }
+}

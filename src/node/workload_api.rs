@@ -1,0 +1,587 @@
+//! The SPIFFE Workload API service (`/SpiffeWorkloadAPI/*`).
+//!
+//! Every call is attested from the kernel: the caller never presents anything but the
+//! security header. Streams carry the complete current state in every message and are
+//! re-evaluated whenever an SVID rotates, a bundle changes or the policies change.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use prost_types::value::Kind;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::attest::WorkloadAttestor;
+use super::cache::{IssueContext, SvidCache, SvidKey};
+use super::issuer::{JwtRequest, TrustBundles};
+use super::peer::PeerInfo;
+use crate::api::workload as pb;
+use crate::audit::{Action, Attestation, AuditEvent, AuditLog, Decision};
+use crate::crypto::jwt;
+use crate::metrics::{MethodLabels, NodeMetrics, RpcLabels};
+use crate::policy::{Entitlement, PolicySet, WorkloadFacts};
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+/// gRPC metadata every Workload API request must carry (value exactly `true`).
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+/// The message clients (and the rust `spiffe` crate) recognise as "no identity".
+pub const NO_IDENTITY: &str = "no identity issued";
+
+/// Rejects requests without the security header, before any attestation (EP-06, EP-07, G-7).
+#[allow(clippy::result_large_err)]
+pub fn check_security_header(req: Request<()>) -> Result<Request<()>, Status> {
+    let mut values = req.metadata().get_all(SECURITY_HEADER).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) if v == "true" => Ok(req),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request",
+        )),
+    }
+}
+
+/// Shared state of the service.
+#[derive(Clone)]
+pub struct WorkloadApi {
+    td: TrustDomain,
+    attestor: Arc<dyn WorkloadAttestor>,
+    policies: watch::Receiver<Arc<PolicySet>>,
+    bundles: watch::Receiver<Arc<TrustBundles>>,
+    cache: SvidCache,
+    audit: AuditLog,
+    metrics: NodeMetrics,
+}
+
+/// An attested caller and what it is entitled to.
+struct Caller {
+    peer: PeerInfo,
+    facts: WorkloadFacts,
+    entitlements: Vec<Entitlement>,
+}
+
+impl Caller {
+    fn context(&self, e: &Entitlement) -> IssueContext {
+        IssueContext {
+            pid: Some(self.peer.pid as u32),
+            uid: Some(self.peer.uid),
+            gid: Some(self.peer.gid),
+            selectors: self.facts.selectors(),
+            policy: e.policy.to_string(),
+        }
+    }
+}
+
+type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl WorkloadApi {
+    /// Builds the service.
+    pub fn new(
+        td: TrustDomain,
+        attestor: Arc<dyn WorkloadAttestor>,
+        policies: watch::Receiver<Arc<PolicySet>>,
+        bundles: watch::Receiver<Arc<TrustBundles>>,
+        cache: SvidCache,
+        audit: AuditLog,
+        metrics: NodeMetrics,
+    ) -> Self {
+        Self {
+            td,
+            attestor,
+            policies,
+            bundles,
+            cache,
+            audit,
+            metrics,
+        }
+    }
+
+    /// Attests the caller and evaluates the policies. Attestation failure is `Unavailable`
+    /// (clients retry); no entitlement is `PermissionDenied` with the standard message.
+    async fn resolve(&self, peer: &PeerInfo, method: &'static str) -> Result<Caller, Status> {
+        let facts = match self.attestor.attest(peer).await {
+            Ok(f) => f,
+            Err(e) => {
+                self.deny(
+                    method,
+                    peer,
+                    &WorkloadFacts::default(),
+                    &format!("attestation failed: {e}"),
+                );
+                return Err(Status::unavailable(format!(
+                    "workload attestation failed: {e}"
+                )));
+            }
+        };
+        let policies = self.policies.borrow().clone();
+        let (entitlements, errors) = policies.entitlements(&self.td, &facts);
+        for (policy, e) in errors {
+            tracing::warn!(%policy, pid = peer.pid, error = %e, "policy matched but its SPIFFE ID template failed for this caller");
+        }
+        Ok(Caller {
+            peer: peer.clone(),
+            facts,
+            entitlements,
+        })
+    }
+
+    async fn resolve_entitled(
+        &self,
+        peer: &PeerInfo,
+        method: &'static str,
+    ) -> Result<Caller, Status> {
+        let caller = self.resolve(peer, method).await?;
+        if caller.entitlements.is_empty() {
+            self.deny(method, peer, &caller.facts, "no policy matches the caller");
+            return Err(Status::permission_denied(NO_IDENTITY));
+        }
+        Ok(caller)
+    }
+
+    fn deny(&self, method: &'static str, peer: &PeerInfo, facts: &WorkloadFacts, reason: &str) {
+        self.metrics
+            .denials
+            .get_or_create(&MethodLabels { method })
+            .inc();
+        tracing::info!(
+            method,
+            pid = peer.pid,
+            uid = peer.uid,
+            reason,
+            "identity denied"
+        );
+        let event = AuditEvent::new(Action::Denied, format!("pid:{}", peer.pid))
+            .decision(Decision::deny(format!("{method}: {reason}")))
+            .attestation(Attestation {
+                selectors: facts.selectors(),
+                node: None,
+            })
+            .requester(peer.requester());
+        if let Err(e) = self.audit.record(event) {
+            tracing::error!(error = %e, "writing audit record");
+        }
+    }
+
+    fn observe<T>(&self, method: &'static str, start: Instant, result: &Result<T, Status>) {
+        let code = match result {
+            Ok(_) => "OK",
+            Err(s) => code_name(s.code()),
+        };
+        self.metrics
+            .requests
+            .get_or_create(&RpcLabels { method, code })
+            .inc();
+        self.metrics
+            .latency
+            .get_or_create(&MethodLabels { method })
+            .observe(start.elapsed().as_secs_f64());
+    }
+
+    async fn x509_response(&self, caller: &Caller) -> Result<pb::X509svidResponse, Status> {
+        let bundles = self.bundles.borrow().clone();
+        let own = bundles.own.x509_der();
+        let mut svids = Vec::with_capacity(caller.entitlements.len());
+        let mut last_error = None;
+        for e in &caller.entitlements {
+            let key = SvidKey {
+                spiffe_id: e.spiffe_id.clone(),
+                ttl: e.x509_ttl,
+                extensions: Vec::new(),
+            };
+            match self.cache.x509(&key, &caller.context(e)).await {
+                Ok(svid) => svids.push(pb::X509svid {
+                    spiffe_id: svid.spiffe_id.to_string(),
+                    x509_svid: svid.chain.concat(),
+                    x509_svid_key: svid.key_pkcs8.clone(),
+                    bundle: own.clone(),
+                    hint: e.hint.clone(),
+                }),
+                Err(err) => {
+                    // Serve the identities that can be issued; report the rest.
+                    tracing::error!(spiffe_id = %e.spiffe_id, error = %err, "X509-SVID issuance failed");
+                    last_error = Some(err);
+                }
+            }
+        }
+        if svids.is_empty() {
+            let reason = last_error.map(|e| e.to_string()).unwrap_or_default();
+            return Err(Status::unavailable(format!(
+                "X509-SVID issuance failed: {reason}"
+            )));
+        }
+        let federated_bundles = bundles
+            .federated
+            .iter()
+            .map(|(td, b)| (td.id_string(), b.x509_der()))
+            .filter(|(_, der)| !der.is_empty())
+            .collect();
+        Ok(pb::X509svidResponse {
+            svids,
+            crl: Vec::new(),
+            federated_bundles,
+        })
+    }
+}
+
+fn peer_of<T>(req: &Request<T>) -> Result<PeerInfo, Status> {
+    req.extensions().get::<PeerInfo>().cloned().ok_or_else(|| {
+        Status::unavailable("workload attestation failed: no peer credentials on this connection")
+    })
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        InvalidArgument => "INVALID_ARGUMENT",
+        PermissionDenied => "PERMISSION_DENIED",
+        Unavailable => "UNAVAILABLE",
+        Unimplemented => "UNIMPLEMENTED",
+        _ => "OTHER",
+    }
+}
+
+fn x509_bundles(b: &TrustBundles) -> HashMap<String, Vec<u8>> {
+    std::iter::once((b.trust_domain.id_string(), b.own.x509_der()))
+        .chain(
+            b.federated
+                .iter()
+                .map(|(td, f)| (td.id_string(), f.x509_der())),
+        )
+        .filter(|(_, der)| !der.is_empty())
+        .collect()
+}
+
+fn jwt_bundles(b: &TrustBundles) -> HashMap<String, Vec<u8>> {
+    std::iter::once((b.trust_domain.id_string(), b.own.jwks_json()))
+        .chain(
+            b.federated
+                .iter()
+                .map(|(td, f)| (td.id_string(), f.jwks_json())),
+        )
+        .collect()
+}
+
+/// Keeps the open-streams gauge right however a stream ends.
+struct StreamGuard(NodeMetrics);
+
+impl StreamGuard {
+    fn new(m: &NodeMetrics) -> Self {
+        m.open_streams.inc();
+        Self(m.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.open_streams.dec();
+    }
+}
+
+#[tonic::async_trait]
+impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = StreamOf<pb::X509svidResponse>;
+    type FetchX509BundlesStream = StreamOf<pb::X509BundlesResponse>;
+    type FetchJWTBundlesStream = StreamOf<pb::JwtBundlesResponse>;
+    type FetchWITSVIDStream = StreamOf<pb::WitsvidResponse>;
+    type FetchWITBundlesStream = StreamOf<pb::WitBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        const METHOD: &str = "FetchX509SVID";
+        let start = Instant::now();
+        let result = async {
+            let peer = peer_of(&req)?;
+            let caller = self.resolve_entitled(&peer, METHOD).await?;
+            let first = self.x509_response(&caller).await?;
+            Ok((peer, first))
+        }
+        .await;
+        self.observe(METHOD, start, &result);
+        let (peer, first) = result?;
+
+        let (tx, rx) = mpsc::channel(2);
+        let api = self.clone();
+        tokio::spawn(async move {
+            let _guard = StreamGuard::new(&api.metrics);
+            let mut generation = api.cache.subscribe();
+            let mut policies = api.policies.clone();
+            let mut bundles = api.bundles.clone();
+            generation.mark_unchanged();
+            policies.mark_unchanged();
+            bundles.mark_unchanged();
+            let mut last = first.clone();
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            loop {
+                // Every wake-up re-attests and re-evaluates: rotation, bundle and policy
+                // changes all lead to a full-state message if anything differs.
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    r = generation.changed() => if r.is_err() { return },
+                    r = policies.changed() => if r.is_err() { return },
+                    r = bundles.changed() => if r.is_err() { return },
+                }
+                let next = match api.resolve_entitled(&peer, METHOD).await {
+                    Ok(caller) => api.x509_response(&caller).await,
+                    Err(status) => Err(status),
+                };
+                match next {
+                    Ok(msg) if msg == last => {}
+                    Ok(msg) => {
+                        last = msg.clone();
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(status) => {
+                        // Withdrawn (no identity left) or unattestable: end the stream with
+                        // the reason; clients reconnect and are told again.
+                        if status.code() == tonic::Code::PermissionDenied {
+                            api.audit_withdrawn(&peer, &last);
+                        }
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        const METHOD: &str = "FetchX509Bundles";
+        let start = Instant::now();
+        let result = async {
+            let peer = peer_of(&req)?;
+            self.resolve_entitled(&peer, METHOD).await?;
+            Ok(())
+        }
+        .await;
+        self.observe(METHOD, start, &result);
+        result?;
+        Ok(Response::new(bundle_stream(self, |b| {
+            pb::X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: x509_bundles(b),
+            }
+        })))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        const METHOD: &str = "FetchJWTSVID";
+        let start = Instant::now();
+        let result = self.fetch_jwt(&req, METHOD).await;
+        self.observe(METHOD, start, &result);
+        result.map(Response::new)
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        const METHOD: &str = "FetchJWTBundles";
+        let start = Instant::now();
+        let result = async {
+            let peer = peer_of(&req)?;
+            self.resolve_entitled(&peer, METHOD).await?;
+            Ok(())
+        }
+        .await;
+        self.observe(METHOD, start, &result);
+        result?;
+        Ok(Response::new(bundle_stream(self, |b| {
+            pb::JwtBundlesResponse {
+                bundles: jwt_bundles(b),
+            }
+        })))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        const METHOD: &str = "ValidateJWTSVID";
+        let start = Instant::now();
+        let result = self.validate(req.get_ref());
+        self.observe(METHOD, start, &result);
+        result.map(Response::new)
+    }
+
+    async fn fetch_witsvid(
+        &self,
+        _: Request<pb::WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ))
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        _: Request<pb::WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ))
+    }
+}
+
+impl WorkloadApi {
+    async fn fetch_jwt(
+        &self,
+        req: &Request<pb::JwtsvidRequest>,
+        method: &'static str,
+    ) -> Result<pb::JwtsvidResponse, Status> {
+        let body = req.get_ref();
+        // Request validation comes before attestation, as SPIRE does.
+        if body.audience.is_empty() || body.audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let wanted: Option<SpiffeId> =
+            match body.spiffe_id.as_str() {
+                "" => None,
+                s => Some(s.parse().map_err(|e| {
+                    Status::invalid_argument(format!("invalid spiffe_id {s:?}: {e}"))
+                })?),
+            };
+        let peer = peer_of(req)?;
+        let caller = self.resolve_entitled(&peer, method).await?;
+        let chosen: Vec<&Entitlement> = caller
+            .entitlements
+            .iter()
+            .filter(|e| wanted.as_ref().is_none_or(|w| w == &e.spiffe_id))
+            .collect();
+        if chosen.is_empty() {
+            self.deny(
+                method,
+                &peer,
+                &caller.facts,
+                &format!("not entitled to {}", body.spiffe_id),
+            );
+            return Err(Status::permission_denied(NO_IDENTITY));
+        }
+        let mut svids = Vec::with_capacity(chosen.len());
+        for e in chosen {
+            let jr = JwtRequest {
+                spiffe_id: e.spiffe_id.clone(),
+                audience: body.audience.clone(),
+                ttl: e.jwt_ttl,
+                claims: Default::default(),
+            };
+            let token = self
+                .cache
+                .jwt(jr, &caller.context(e))
+                .await
+                .map_err(|err| Status::unavailable(format!("JWT-SVID issuance failed: {err}")))?;
+            svids.push(pb::Jwtsvid {
+                spiffe_id: e.spiffe_id.to_string(),
+                svid: token,
+                hint: e.hint.clone(),
+            });
+        }
+        Ok(pb::JwtsvidResponse { svids })
+    }
+
+    fn validate(
+        &self,
+        body: &pb::ValidateJwtsvidRequest,
+    ) -> Result<pb::ValidateJwtsvidResponse, Status> {
+        if body.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if body.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let bundles = self.bundles.borrow().clone();
+        let v = jwt::validate_jwt_svid(&body.svid, &body.audience, |td| bundles.get(td))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut claims = v.claims;
+        // `aud` is always a list in the response, even for a single audience (V-05).
+        if let Some(serde_json::Value::String(a)) = claims.get("aud").cloned() {
+            claims.insert(
+                "aud".into(),
+                serde_json::Value::Array(vec![serde_json::Value::String(a)]),
+            );
+        }
+        Ok(pb::ValidateJwtsvidResponse {
+            spiffe_id: v.spiffe_id.to_string(),
+            claims: Some(to_struct(claims)),
+        })
+    }
+
+    fn audit_withdrawn(&self, peer: &PeerInfo, last: &pb::X509svidResponse) {
+        for svid in &last.svids {
+            let event = AuditEvent::new(Action::Withdrawn, svid.spiffe_id.clone())
+                .decision(Decision::deny("no policy entitles the caller any longer"))
+                .requester(peer.requester());
+            if let Err(e) = self.audit.record(event) {
+                tracing::error!(error = %e, "writing audit record");
+            }
+        }
+    }
+}
+
+/// A bundle stream: the current bundles at once, then again on every change that alters the
+/// message (byte-identical re-sends are suppressed, as SPIRE does).
+fn bundle_stream<T>(api: &WorkloadApi, build: fn(&TrustBundles) -> T) -> StreamOf<T>
+where
+    T: PartialEq + Clone + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(2);
+    let mut bundles = api.bundles.clone();
+    let metrics = api.metrics.clone();
+    tokio::spawn(async move {
+        let _guard = StreamGuard::new(&metrics);
+        let mut last = build(&bundles.borrow_and_update());
+        if tx.send(Ok(last.clone())).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                r = bundles.changed() => if r.is_err() { return },
+            }
+            let msg = build(&bundles.borrow_and_update());
+            if msg != last {
+                last = msg.clone();
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+fn to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+    }
+}
+
+fn to_value(v: serde_json::Value) -> prost_types::Value {
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        J::String(s) => Kind::StringValue(s),
+        J::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(to_value).collect(),
+        }),
+        J::Object(o) => Kind::StructValue(to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}

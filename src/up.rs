@@ -1,0 +1,204 @@
+//! `agentid up`: a whole trust domain on one machine. The authority and the node daemon run
+//! in one process, callers are attested as Unix processes, and policies come from files.
+//! This is the only module that links `server` and `node` together.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::admin::{self, Readiness};
+use crate::audit::AuditLog;
+use crate::metrics::NodeMetrics;
+use crate::node::attest::UnixAttestor;
+use crate::node::cache::SvidCache;
+use crate::node::issuer::{IssueError, JwtRequest, SvidIssuer, TrustBundles, X509Request};
+use crate::node::uds::WorkloadSocket;
+use crate::node::workload_api::WorkloadApi;
+use crate::node::{self, policy_watch};
+use crate::policy::{PolicySet, load_paths};
+use crate::server::{Authority, AuthorityConfig};
+use crate::spiffe::TrustDomain;
+
+/// Configuration of `agentid up`, logged at start and served at `/config`.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpConfig {
+    pub trust_domain: TrustDomain,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub policy: Vec<PathBuf>,
+    pub admin_addr: SocketAddr,
+    pub admin_allow_remote: bool,
+}
+
+/// The in-process issuer: the node daemon's signing requests go straight to the authority.
+struct LocalIssuer {
+    authority: Arc<Authority>,
+    bundles: watch::Receiver<Arc<TrustBundles>>,
+}
+
+impl LocalIssuer {
+    fn new(authority: Arc<Authority>) -> Self {
+        let td = authority.trust_domain().clone();
+        let to_bundles = move |own| {
+            Arc::new(TrustBundles {
+                trust_domain: td.clone(),
+                own,
+                federated: Default::default(),
+            })
+        };
+        let (tx, rx) = watch::channel(to_bundles(authority.bundle()));
+        let mut changes = authority.subscribe();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let own = changes.borrow_and_update().clone();
+                if tx.send(to_bundles(own)).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            authority,
+            bundles: rx,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl SvidIssuer for LocalIssuer {
+    async fn sign_x509(&self, req: X509Request) -> Result<Vec<Vec<u8>>, IssueError> {
+        self.authority
+            .sign_x509_svid(&req.spiffe_id, &req.spki_der, req.ttl, &req.extensions)
+            .map_err(|e| IssueError(e.to_string()))
+    }
+
+    async fn sign_jwt(&self, req: JwtRequest) -> Result<String, IssueError> {
+        self.authority
+            .sign_jwt_svid(&req.spiffe_id, &req.audience, req.ttl, req.claims)
+            .map_err(|e| IssueError(e.to_string()))
+    }
+
+    fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>> {
+        self.bundles.clone()
+    }
+}
+
+/// Everything `up` built, before it starts serving (tests drive this directly).
+pub struct Up {
+    pub config: UpConfig,
+    pub policies: Arc<PolicySet>,
+    pub admin_addr: SocketAddr,
+    socket: WorkloadSocket,
+    api: WorkloadApi,
+    ready: Readiness,
+    /// Held so open streams never see the policy channel close.
+    _policy_tx: watch::Sender<Arc<PolicySet>>,
+}
+
+/// Loads state, keys and policies and binds the socket and admin listener.
+pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
+    let td = config.trust_domain.clone();
+    let policies = if config.policy.is_empty() {
+        // SAFETY: getuid cannot fail.
+        let uid = unsafe { libc::getuid() };
+        let name = node::attest::user_name(uid).unwrap_or_default();
+        PolicySet::default_for_user(uid, &name)
+    } else {
+        load_paths(&config.policy, &td)?
+    };
+    let authority = Arc::new(Authority::open(
+        &config.state_dir.join("authority"),
+        td.clone(),
+        AuthorityConfig::default(),
+    )?);
+    let audit = AuditLog::open(
+        &config.state_dir.join("audit.log"),
+        format!("agentid://{td}/up"),
+    )?;
+    let mut registry = Registry::default();
+    let metrics = NodeMetrics::register(&mut registry);
+    let issuer: Arc<dyn SvidIssuer> = Arc::new(LocalIssuer::new(authority));
+    let bundles = issuer.bundles();
+    let cache = SvidCache::new(issuer, audit.clone(), metrics.clone());
+    let (policy_tx, policy_rx) = watch::channel(Arc::new(policies.clone()));
+    if !config.policy.is_empty() {
+        policy_watch::spawn(
+            config.policy.clone(),
+            td.clone(),
+            policy_tx.clone(),
+            audit.clone(),
+            metrics.clone(),
+        )?;
+    }
+    let api = WorkloadApi::new(
+        td,
+        Arc::new(UnixAttestor::new()),
+        policy_rx,
+        bundles,
+        cache,
+        audit,
+        metrics,
+    );
+    let socket = WorkloadSocket::bind(&config.socket)?;
+    let ready = Readiness::default();
+    let admin_addr = admin::spawn(
+        config.admin_addr,
+        config.admin_allow_remote,
+        registry,
+        ready.clone(),
+        serde_json::to_value(&config)?,
+    )
+    .await?;
+    Ok(Up {
+        policies: Arc::new(policies),
+        admin_addr,
+        socket,
+        api,
+        ready,
+        config,
+        _policy_tx: policy_tx,
+    })
+}
+
+impl Up {
+    /// Serves until `shutdown` resolves; the socket file is removed on the way out.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        self.ready.set(true);
+        let result = node::serve(self.socket, self.api, shutdown).await;
+        self.ready.set(false);
+        Ok(result?)
+    }
+
+    /// The human banner printed at start.
+    pub fn banner(&self) -> String {
+        let td = &self.config.trust_domain;
+        let mut out = format!("agentid up: trust domain {td}\n");
+        out += &format!("  state      {}\n", self.config.state_dir.display());
+        out += &format!(
+            "  admin      http://{}/ (healthz, readyz, metrics, config)\n",
+            self.admin_addr
+        );
+        out += "  policies\n";
+        for p in self.policies.policies() {
+            out += &format!(
+                "    {:<20} {} ({})\n",
+                p.name,
+                p.spiffe_id
+                    .source()
+                    .replace("{{ .TrustDomain }}", td.as_str()),
+                p.origin
+            );
+        }
+        out += &format!(
+            "\nSPIFFE_ENDPOINT_SOCKET=unix://{}\n",
+            self.config.socket.display()
+        );
+        out
+    }
+}
