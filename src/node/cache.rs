@@ -3,8 +3,9 @@
 //! One X509-SVID per (SPIFFE ID, TTL, extensions), issued on first use and shared by every
 //! workload entitled to it. A background worker renews each one at about half its lifetime
 //! (with jitter, so a fleet does not renew in lockstep), keeps the still-valid SVID when a
-//! renewal fails and retries with backoff, and forgets an SVID that nobody fetched since its
-//! last renewal. Every change bumps a generation counter that open streams watch.
+//! renewal fails and retries with backoff, and at refresh time forgets an SVID that no open
+//! stream holds and nobody fetched since it was issued. Every change bumps a generation
+//! counter that open streams watch.
 //!
 //! Timers use tokio's clock, so the rotation logic is tested under paused time.
 
@@ -67,9 +68,10 @@ struct Slot {
     current: Option<Arc<X509Svid>>,
     /// When the worker renews it.
     refresh_at: Instant,
-    /// When the current SVID was issued (tokio clock), to tell whether anyone used it since.
-    issued_at: Instant,
-    last_used: Instant,
+    /// Someone fetched the current SVID after it was issued.
+    used_since_issue: bool,
+    /// Open streams that hold this SVID: it is renewed for as long as any does.
+    holders: usize,
     backoff: Duration,
     context: IssueContext,
 }
@@ -102,6 +104,26 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Lets the worker notice that the cache is gone and exit.
         self.wake.notify_one();
+    }
+}
+
+/// Keeps SVIDs renewed while an open stream serves them.
+pub struct Hold {
+    inner: Weak<Inner>,
+    keys: Vec<SvidKey>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let mut slots = inner.slots.lock().expect("slots");
+        for k in &self.keys {
+            if let Some(s) = slots.get_mut(k) {
+                s.holders = s.holders.saturating_sub(1);
+            }
+        }
     }
 }
 
@@ -149,15 +171,15 @@ impl SvidCache {
             return Ok(svid);
         }
         let svid = self.inner.issue(key, ctx, Action::Issued).await?;
-        let now = Instant::now();
         let mut slots = self.inner.slots.lock().expect("slots");
+        let holders = slots.get(key).map_or(0, |s| s.holders);
         slots.insert(
             key.clone(),
             Slot {
-                refresh_at: refresh_time(now, &svid),
+                refresh_at: refresh_time(Instant::now(), &svid),
                 current: Some(svid.clone()),
-                issued_at: now,
-                last_used: now,
+                used_since_issue: false,
+                holders,
                 backoff: BACKOFF_MIN,
                 context: ctx.clone(),
             },
@@ -174,8 +196,23 @@ impl SvidCache {
             .current
             .clone()
             .filter(|s| s.not_after > SystemTime::now())?;
-        slot.last_used = Instant::now();
+        slot.used_since_issue = true;
         Some(svid)
+    }
+
+    /// Marks `keys` as held by an open stream until the returned guard is dropped, so they are
+    /// renewed even if nothing fetches them in between.
+    pub fn hold(&self, keys: Vec<SvidKey>) -> Hold {
+        let mut slots = self.inner.slots.lock().expect("slots");
+        for k in &keys {
+            if let Some(s) = slots.get_mut(k) {
+                s.holders += 1;
+            }
+        }
+        Hold {
+            inner: Arc::downgrade(&self.inner),
+            keys,
+        }
     }
 
     /// A JWT-SVID for `req`, reused until half its lifetime has passed.
@@ -325,14 +362,13 @@ impl Inner {
         }
     }
 
-    /// Renews every slot that is due; forgets the ones nobody used since their last issuance.
+    /// Renews every slot that is due; forgets the ones nobody holds or used since issuance.
     async fn renew_due(&self) -> bool {
         let now = Instant::now();
         let due: Vec<(SvidKey, IssueContext)> = {
             let mut slots = self.slots.lock().expect("slots");
             slots.retain(|key, s| {
-                let idle =
-                    s.refresh_at <= now && s.last_used < s.issued_at + Duration::from_millis(1);
+                let idle = s.refresh_at <= now && s.holders == 0 && !s.used_since_issue;
                 if idle {
                     self.metrics.svid_expiry.remove(&IdLabels {
                         spiffe_id: key.spiffe_id.to_string(),
@@ -358,10 +394,9 @@ impl Inner {
             };
             match result {
                 Ok(svid) => {
-                    let now = Instant::now();
-                    slot.refresh_at = refresh_time(now, &svid);
+                    slot.refresh_at = refresh_time(Instant::now(), &svid);
                     slot.current = Some(svid);
-                    slot.issued_at = now;
+                    slot.used_since_issue = false;
                     slot.backoff = BACKOFF_MIN;
                     changed = true;
                 }
@@ -427,4 +462,235 @@ fn unix_secs(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::node::issuer::TrustBundles;
+    use crate::server::{Authority, AuthorityConfig};
+    use crate::spiffe::TrustDomain;
+
+    /// The real authority, with a switch to make signing fail and a call counter.
+    struct Flaky {
+        authority: Authority,
+        fail: AtomicBool,
+        calls: AtomicUsize,
+        bundles: watch::Sender<Arc<TrustBundles>>,
+    }
+
+    #[async_trait::async_trait]
+    impl SvidIssuer for Flaky {
+        async fn sign_x509(&self, req: X509Request) -> Result<Vec<Vec<u8>>, IssueError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(IssueError("authority unreachable".into()));
+            }
+            self.authority
+                .sign_x509_svid(&req.spiffe_id, &req.spki_der, req.ttl, &req.extensions)
+                .map_err(|e| IssueError(e.to_string()))
+        }
+        async fn sign_jwt(&self, req: JwtRequest) -> Result<String, IssueError> {
+            self.authority
+                .sign_jwt_svid(&req.spiffe_id, &req.audience, req.ttl, req.claims)
+                .map_err(|e| IssueError(e.to_string()))
+        }
+        fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>> {
+            self.bundles.subscribe()
+        }
+    }
+
+    fn setup(dir: &std::path::Path) -> (Arc<Flaky>, SvidCache, SvidKey, NodeMetrics) {
+        let td = TrustDomain::new("example.org").unwrap();
+        let authority = Authority::open(dir, td.clone(), AuthorityConfig::default()).unwrap();
+        let own = authority.bundle();
+        let issuer = Arc::new(Flaky {
+            authority,
+            fail: AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
+            bundles: watch::Sender::new(Arc::new(TrustBundles {
+                trust_domain: td.clone(),
+                own,
+                federated: Default::default(),
+            })),
+        });
+        let metrics = NodeMetrics::unregistered();
+        let cache = SvidCache::new(issuer.clone(), AuditLog::memory("test"), metrics.clone());
+        let key = SvidKey {
+            spiffe_id: td.id("/w").unwrap(),
+            ttl: Duration::from_secs(100),
+            extensions: vec![],
+        };
+        (issuer, cache, key, metrics)
+    }
+
+    /// Lets the renewal worker run after the clock moved.
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renews_at_half_life_then_forgets_unused_svids() {
+        let dir = tempfile::tempdir().unwrap();
+        let (issuer, cache, key, _) = setup(dir.path());
+        let ctx = IssueContext::default();
+        let mut generation = cache.subscribe();
+
+        let first = cache.x509(&key, &ctx).await.unwrap();
+        assert_eq!(
+            cache.x509(&key, &ctx).await.unwrap().serial,
+            first.serial,
+            "served from memory"
+        );
+        assert_eq!(issuer.calls.load(Ordering::SeqCst), 1);
+
+        // Refresh lands between 40% and 60% of the 100 s lifetime (whole seconds in the
+        // certificate, so a little less than 100 s remain when it is issued).
+        tokio::time::advance(Duration::from_secs(35)).await;
+        settle().await;
+        assert!(
+            !generation.has_changed().unwrap(),
+            "no renewal before 40% of the lifetime"
+        );
+
+        tokio::time::advance(Duration::from_secs(26)).await;
+        settle().await;
+        assert!(
+            generation.has_changed().unwrap(),
+            "renewed by 60% of the lifetime"
+        );
+        generation.mark_unchanged();
+        let second = cache.x509(&key, &ctx).await.unwrap();
+        assert_ne!(second.serial, first.serial);
+        assert_eq!(issuer.calls.load(Ordering::SeqCst), 2);
+
+        // Used since its renewal, so the next refresh renews it again ...
+        tokio::time::advance(Duration::from_secs(61)).await;
+        settle().await;
+        assert_eq!(issuer.calls.load(Ordering::SeqCst), 3);
+        assert_eq!(cache.len(), 1);
+        // ... but nobody fetched the third one, so at its refresh time it is forgotten.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        settle().await;
+        assert_eq!(cache.len(), 0, "unused SVID forgotten");
+        assert_eq!(issuer.calls.load(Ordering::SeqCst), 3, "and not renewed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_svid_is_renewed_without_fetches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (issuer, cache, key, _) = setup(dir.path());
+        let first = cache.x509(&key, &IssueContext::default()).await.unwrap();
+        let hold = cache.hold(vec![key.clone()]);
+        for round in 2..=4 {
+            tokio::time::advance(Duration::from_secs(61)).await;
+            settle().await;
+            assert_eq!(
+                issuer.calls.load(Ordering::SeqCst),
+                round,
+                "renewed while held"
+            );
+        }
+        assert_ne!(
+            cache
+                .x509(&key, &IssueContext::default())
+                .await
+                .unwrap()
+                .serial,
+            first.serial
+        );
+        drop(hold);
+        // The fetch above marked it used once more: one more renewal, then it is forgotten.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        settle().await;
+        tokio::time::advance(Duration::from_secs(61)).await;
+        settle().await;
+        assert_eq!(cache.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_renewal_keeps_the_valid_svid_and_retries_with_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let (issuer, cache, key, metrics) = setup(dir.path());
+        let ctx = IssueContext::default();
+        let first = cache.x509(&key, &ctx).await.unwrap();
+        let _hold = cache.hold(vec![key.clone()]);
+
+        issuer.fail.store(true, Ordering::SeqCst);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        settle().await;
+        assert_eq!(issuer.calls.load(Ordering::SeqCst), 2, "renewal attempted");
+        assert_eq!(metrics.renewal_failures.get(), 1);
+        assert_eq!(
+            cache.x509(&key, &ctx).await.unwrap().serial,
+            first.serial,
+            "still-valid SVID kept"
+        );
+
+        // Backoff doubles: retries at +250 ms, then +500 ms.
+        tokio::time::advance(Duration::from_millis(260)).await;
+        settle().await;
+        assert_eq!(issuer.calls.load(Ordering::SeqCst), 3);
+        tokio::time::advance(Duration::from_millis(260)).await;
+        settle().await;
+        assert_eq!(
+            issuer.calls.load(Ordering::SeqCst),
+            3,
+            "second retry waits 500 ms"
+        );
+
+        issuer.fail.store(false, Ordering::SeqCst);
+        tokio::time::advance(Duration::from_millis(260)).await;
+        settle().await;
+        assert_eq!(issuer.calls.load(Ordering::SeqCst), 4);
+        assert_ne!(
+            cache.x509(&key, &ctx).await.unwrap().serial,
+            first.serial,
+            "renewed once the issuer is back"
+        );
+    }
+
+    #[tokio::test]
+    async fn refuses_a_certificate_for_another_key() {
+        struct Liar(Authority);
+        #[async_trait::async_trait]
+        impl SvidIssuer for Liar {
+            async fn sign_x509(&self, req: X509Request) -> Result<Vec<Vec<u8>>, IssueError> {
+                // Signs the right ID over a different key.
+                let other = PrivateKey::generate().unwrap();
+                self.0
+                    .sign_x509_svid(&req.spiffe_id, &other.spki_der(), req.ttl, &[])
+                    .map_err(|e| IssueError(e.to_string()))
+            }
+            async fn sign_jwt(&self, _: JwtRequest) -> Result<String, IssueError> {
+                Err(IssueError("unused".into()))
+            }
+            fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>> {
+                unreachable!()
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let authority =
+            Authority::open(dir.path(), td.clone(), AuthorityConfig::default()).unwrap();
+        let cache = SvidCache::new(
+            Arc::new(Liar(authority)),
+            AuditLog::memory("t"),
+            NodeMetrics::unregistered(),
+        );
+        let key = SvidKey {
+            spiffe_id: td.id("/w").unwrap(),
+            ttl: Duration::from_secs(60),
+            extensions: vec![],
+        };
+        let err = cache
+            .x509(&key, &IssueContext::default())
+            .await
+            .unwrap_err();
+        assert!(err.0.contains("another identity or key"), "{err}");
+    }
 }

@@ -179,7 +179,11 @@ impl WorkloadApi {
             .observe(start.elapsed().as_secs_f64());
     }
 
-    async fn x509_response(&self, caller: &Caller) -> Result<pb::X509svidResponse, Status> {
+    /// The full-state X509-SVID message for `caller`, and the cache keys it is built from.
+    async fn x509_response(
+        &self,
+        caller: &Caller,
+    ) -> Result<(pb::X509svidResponse, Vec<SvidKey>), Status> {
         let bundles = self.bundles.borrow().clone();
         let own = bundles.own.x509_der();
         let mut svids = Vec::with_capacity(caller.entitlements.len());
@@ -191,13 +195,16 @@ impl WorkloadApi {
                 extensions: Vec::new(),
             };
             match self.cache.x509(&key, &caller.context(e)).await {
-                Ok(svid) => svids.push(pb::X509svid {
-                    spiffe_id: svid.spiffe_id.to_string(),
-                    x509_svid: svid.chain.concat(),
-                    x509_svid_key: svid.key_pkcs8.clone(),
-                    bundle: own.clone(),
-                    hint: e.hint.clone(),
-                }),
+                Ok(svid) => svids.push((
+                    key,
+                    pb::X509svid {
+                        spiffe_id: svid.spiffe_id.to_string(),
+                        x509_svid: svid.chain.concat(),
+                        x509_svid_key: svid.key_pkcs8.clone(),
+                        bundle: own.clone(),
+                        hint: e.hint.clone(),
+                    },
+                )),
                 Err(err) => {
                     // Serve the identities that can be issued; report the rest.
                     tracing::error!(spiffe_id = %e.spiffe_id, error = %err, "X509-SVID issuance failed");
@@ -217,11 +224,13 @@ impl WorkloadApi {
             .map(|(td, b)| (td.id_string(), b.x509_der()))
             .filter(|(_, der)| !der.is_empty())
             .collect();
-        Ok(pb::X509svidResponse {
+        let (keys, svids): (Vec<SvidKey>, Vec<pb::X509svid>) = svids.into_iter().unzip();
+        let msg = pb::X509svidResponse {
             svids,
             crl: Vec::new(),
             federated_bundles,
-        })
+        };
+        Ok((msg, keys))
     }
 }
 
@@ -297,17 +306,19 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let result = async {
             let peer = peer_of(&req)?;
             let caller = self.resolve_entitled(&peer, METHOD).await?;
-            let first = self.x509_response(&caller).await?;
-            Ok((peer, first))
+            let (first, keys) = self.x509_response(&caller).await?;
+            Ok((peer, first, keys))
         }
         .await;
         self.observe(METHOD, start, &result);
-        let (peer, first) = result?;
+        let (peer, first, keys) = result?;
 
         let (tx, rx) = mpsc::channel(2);
         let api = self.clone();
         tokio::spawn(async move {
             let _guard = StreamGuard::new(&api.metrics);
+            // While the stream is open its SVIDs are renewed even if nothing else fetches them.
+            let mut _hold = api.cache.hold(keys);
             let mut generation = api.cache.subscribe();
             let mut policies = api.policies.clone();
             let mut bundles = api.bundles.clone();
@@ -332,8 +343,11 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                     Err(status) => Err(status),
                 };
                 match next {
-                    Ok(msg) if msg == last => {}
-                    Ok(msg) => {
+                    Ok((msg, keys)) => {
+                        _hold = api.cache.hold(keys);
+                        if msg == last {
+                            continue;
+                        }
                         last = msg.clone();
                         if tx.send(Ok(msg)).await.is_err() {
                             return;
