@@ -90,6 +90,11 @@ pub enum X509Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Keep the stream open and print every update (rotation, policy change, withdrawal).
+    Watch {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

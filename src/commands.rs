@@ -137,6 +137,44 @@ pub async fn x509_fetch(args: ClientArgs, out: Option<&Path>) -> anyhow::Result<
     Ok(())
 }
 
+/// `agentid x509 watch`: one line per SVID per stream message, until the stream ends.
+pub async fn x509_watch(args: ClientArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args).await?;
+    let mut stream = client
+        .fetch_x509svid(crate::api::workload::X509svidRequest {})
+        .await
+        .map_err(explain)?
+        .into_inner();
+    loop {
+        let msg = match stream.message().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => {
+                println!("stream closed by the server");
+                return Ok(());
+            }
+            Err(status) => return Err(explain(status)),
+        };
+        let now = rfc3339(SystemTime::now());
+        for svid in &msg.svids {
+            let chain = split_der_chain(&svid.x509_svid)?;
+            let info = CertInfo::parse(chain.first().context("empty certificate chain")?)?;
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"time": now, "spiffe_id": svid.spiffe_id, "hint": svid.hint, "serial": info.serial_hex, "not_after": rfc3339(info.not_after)})
+                );
+            } else {
+                println!(
+                    "{now}  {}  serial {}  expires {}",
+                    svid.spiffe_id,
+                    info.serial_hex,
+                    rfc3339(info.not_after)
+                );
+            }
+        }
+    }
+}
+
 fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     // Remove first so an existing file's looser mode is not kept.

@@ -71,6 +71,7 @@ async fn run(command: Command) -> Result<(), Failure> {
             tracing::info!("agentid up stopped");
             Ok(())
         }
+        Command::X509(X509Command::Watch { client }) => Ok(commands::x509_watch(client).await?),
         Command::X509(X509Command::Fetch { client, out }) => {
             Ok(commands::x509_fetch(client, out.as_deref()).await?)
         }
@@ -103,8 +104,10 @@ async fn shutdown_signal() {
 fn init_logging(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

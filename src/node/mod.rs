@@ -39,6 +39,12 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // Streams never end by themselves; end them first so the graceful drain can finish.
+    let streams = api.shutdown_token();
+    let shutdown = async move {
+        shutdown.await;
+        streams.cancel();
+    };
     let workload = SpiffeWorkloadApiServer::with_interceptor(api, check_security_header);
     Server::builder()
         .add_service(health)

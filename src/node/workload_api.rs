@@ -13,6 +13,7 @@ use futures::Stream;
 use prost_types::value::Kind;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::attest::WorkloadAttestor;
@@ -53,6 +54,8 @@ pub struct WorkloadApi {
     cache: SvidCache,
     audit: AuditLog,
     metrics: NodeMetrics,
+    /// Cancelled at shutdown: open streams end so the server can drain.
+    shutdown: CancellationToken,
 }
 
 /// An attested caller and what it is entitled to.
@@ -95,7 +98,13 @@ impl WorkloadApi {
             cache,
             audit,
             metrics,
+            shutdown: CancellationToken::new(),
         }
+    }
+
+    /// Cancelling this ends every open stream (used at shutdown).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
     }
 
     /// Attests the caller and evaluates the policies. Attestation failure is `Unavailable`
@@ -334,6 +343,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                 // changes all lead to a full-state message if anything differs.
                 tokio::select! {
                     _ = tx.closed() => return,
+                    _ = api.shutdown.cancelled() => return,
                     r = generation.changed() => if r.is_err() { return },
                     r = policies.changed() => if r.is_err() { return },
                     r = bundles.changed() => if r.is_err() { return },
@@ -556,6 +566,7 @@ where
     let (tx, rx) = mpsc::channel(2);
     let mut bundles = api.bundles.clone();
     let metrics = api.metrics.clone();
+    let shutdown = api.shutdown.clone();
     tokio::spawn(async move {
         let _guard = StreamGuard::new(&metrics);
         let mut last = build(&bundles.borrow_and_update());
@@ -565,6 +576,7 @@ where
         loop {
             tokio::select! {
                 _ = tx.closed() => return,
+                _ = shutdown.cancelled() => return,
                 r = bundles.changed() => if r.is_err() { return },
             }
             let msg = build(&bundles.borrow_and_update());
