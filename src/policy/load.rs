@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::schema::{AgentIdentity, normalize_sha256};
+use super::schema::{AgentIdentity, CompositeSpec, normalize_sha256};
 use super::{
     DEFAULT_JWT_TTL, DEFAULT_X509_TTL, JWT_TTL_RANGE, Policy, PolicySet, Template, X509_TTL_RANGE,
 };
@@ -137,6 +137,11 @@ fn validate(
             return Err(("spec.selector.unix.path", "must be an absolute path".into()));
         }
     }
+    let composite = spec
+        .composite
+        .map(validate_composite)
+        .transpose()?
+        .map(std::sync::Arc::new);
     let x509_ttl = spec.x509_ttl.unwrap_or(DEFAULT_X509_TTL);
     if !(X509_TTL_RANGE.0..=X509_TTL_RANGE.1).contains(&x509_ttl) {
         return Err((
@@ -160,6 +165,7 @@ fn validate(
         ));
     }
     Ok(Policy {
+        composite,
         name,
         origin: origin.to_owned(),
         spiffe_id: template,
@@ -168,6 +174,69 @@ fn validate(
         x509_ttl,
         jwt_ttl,
     })
+}
+
+fn validate_composite(mut c: CompositeSpec) -> Result<CompositeSpec, (&'static str, String)> {
+    for (field, model) in c
+        .model
+        .iter()
+        .map(|m| ("spec.composite.model", m))
+        .chain(c.models.iter().map(|m| ("spec.composite.models", m)))
+    {
+        if !is_model(model) {
+            return Err((
+                field,
+                format!("{model:?} is not provider/model-id (e.g. anthropic/claude-sonnet-4-5)"),
+            ));
+        }
+    }
+    for (field, files) in [
+        ("spec.composite.configFiles", &c.config_files),
+        ("spec.composite.toolsFiles", &c.tools_files),
+    ] {
+        if let Some(f) = files
+            .iter()
+            .find(|f| !f.starts_with('/') || f.contains('\0'))
+        {
+            return Err((field, format!("{f:?} is not an absolute path")));
+        }
+    }
+    for (field, digests) in [
+        ("spec.composite.configDigests", &mut c.config_digests),
+        ("spec.composite.toolsDigests", &mut c.tools_digests),
+        ("spec.composite.imageDigests", &mut c.image_digests),
+    ] {
+        for d in digests.iter_mut() {
+            let n = normalize_sha256(d);
+            if n.len() != 7 + 64 || !n[7..].bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err((
+                    field,
+                    format!("{d:?} is not a SHA-256 digest (sha256:<64 hex digits>)"),
+                ));
+            }
+            *d = n;
+        }
+    }
+    for (field, v) in [
+        ("spec.composite.agentName", &c.agent_name),
+        ("spec.composite.agentVersion", &c.agent_version),
+    ] {
+        if v.as_ref()
+            .is_some_and(|v| v.is_empty() || v.len() > 253 || v.chars().any(char::is_control))
+        {
+            return Err((field, "must be 1 to 253 printable characters".into()));
+        }
+    }
+    Ok(c)
+}
+
+fn is_model(m: &str) -> bool {
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '@'))
+    };
+    matches!(m.split_once('/'), Some((p, id)) if ok(p) && ok(id))
 }
 
 fn fmt(d: std::time::Duration) -> humantime::FormattedDuration {
@@ -317,6 +386,56 @@ spec:
         );
         let e = err("apiVersion: [");
         assert!(e.starts_with("f.yaml: document 1: (document):"), "{e}");
+    }
+
+    #[test]
+    fn composite_spec_is_validated_and_pins_checked() {
+        let doc = format!(
+            "{GOOD}  composite:\n    model: anthropic/claude-sonnet-4-5\n    agentName: refund\n    configFiles: [/etc/agent/prompt.md]\n    models: [anthropic/claude-sonnet-4-5]\n    configDigests: [\"SHA256:{}\"]\n",
+            "AB".repeat(32)
+        );
+        let p = parse_documents("f.yaml", &doc, &td()).unwrap().remove(0);
+        let c = p.composite.expect("composite parsed");
+        assert_eq!(
+            c.config_digests,
+            [format!("sha256:{}", "ab".repeat(32))],
+            "normalised"
+        );
+        let good = format!("sha256:{}", "ab".repeat(32));
+        let attested = |model, config| crate::policy::Attested {
+            model,
+            config_digest: config,
+            ..Default::default()
+        };
+        assert!(
+            c.check_pins(attested(Some("anthropic/claude-sonnet-4-5"), Some(&good)))
+                .is_ok()
+        );
+        let e = c
+            .check_pins(attested(Some("openai/gpt-4o"), Some(&good)))
+            .unwrap_err();
+        assert_eq!((e.field, e.value.as_str()), ("model", "openai/gpt-4o"));
+        let e = c
+            .check_pins(attested(Some("anthropic/claude-sonnet-4-5"), None))
+            .unwrap_err();
+        assert_eq!(
+            e.field, "config_digest",
+            "an absent value never satisfies a pin"
+        );
+
+        let e = err(&format!("{GOOD}  composite:\n    model: claude\n"));
+        assert!(
+            e.contains("spec.composite.model: \"claude\" is not provider/model-id"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{GOOD}  composite:\n    configFiles: [prompt.md]\n"
+        ));
+        assert!(e.contains("spec.composite.configFiles"), "{e}");
+        let e = err(&format!("{GOOD}  composite:\n    toolsDigests: [md5:00]\n"));
+        assert!(e.contains("spec.composite.toolsDigests"), "{e}");
+        let e = err(&format!("{GOOD}  composite:\n    modle: a/b\n"));
+        assert!(e.contains("spec.composite.modle: unknown field"), "{e}");
     }
 
     #[test]

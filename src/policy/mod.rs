@@ -8,7 +8,9 @@ mod template;
 
 pub use facts::{UnixFacts, WorkloadFacts};
 pub use load::{PolicyError, load_paths, parse_documents};
-pub use schema::{AgentIdentity, Metadata, Selector, Spec, UnixSelector};
+pub use schema::{
+    AgentIdentity, Attested, CompositeSpec, Metadata, PinMismatch, Selector, Spec, UnixSelector,
+};
 pub use template::{PLACEHOLDERS, Template, TemplateError};
 
 use std::sync::Arc;
@@ -36,12 +38,15 @@ pub struct Policy {
     pub selector: Selector,
     pub x509_ttl: Duration,
     pub jwt_ttl: Duration,
+    pub composite: Option<Arc<CompositeSpec>>,
 }
 
 /// One identity a caller is entitled to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entitlement {
     pub policy: Arc<str>,
+    /// The policy's composite identity part, if any: what to hash and what to pin.
+    pub composite: Option<Arc<CompositeSpec>>,
     pub spiffe_id: SpiffeId,
     pub hint: String,
     pub x509_ttl: Duration,
@@ -99,6 +104,7 @@ impl PolicySet {
                     hint,
                     x509_ttl: p.x509_ttl,
                     jwt_ttl: p.jwt_ttl,
+                    composite: p.composite.clone(),
                 });
             }
         }
@@ -135,6 +141,7 @@ impl PolicySet {
             },
             x509_ttl: DEFAULT_X509_TTL,
             jwt_ttl: DEFAULT_JWT_TTL,
+            composite: None,
         }])
     }
 }
