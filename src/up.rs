@@ -3,6 +3,7 @@
 //! This is the only module that links `server` and `node` together.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -109,6 +110,19 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
     } else {
         load_paths(&config.policy, &td)?
     };
+    // The state directory holds the CA and JWT keys and the audit log: private (0700), like
+    // the directories inside it. Created here, before anything inside it, or `create_dir_all`
+    // below would create it with the umask's mode (usually 0755).
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.state_dir)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "creating state directory {}: {e}",
+                config.state_dir.display()
+            )
+        })?;
     let authority = Arc::new(Authority::open(
         &config.state_dir.join("authority"),
         td.clone(),
