@@ -9,12 +9,17 @@ pub mod uds;
 pub mod workload_api;
 
 use std::future::Future;
+use std::time::Duration;
 
+use tokio::sync::oneshot;
 use tonic::transport::Server;
 
 use crate::api::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use uds::WorkloadSocket;
 use workload_api::{WorkloadApi, check_security_header};
+
+/// How long shutdown waits for open connections to finish before closing them.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 /// Why serving stopped.
 #[derive(Debug, thiserror::Error)]
@@ -41,16 +46,32 @@ pub async fn serve(
         .build_v1()?;
     // Streams never end by themselves; end them first so the graceful drain can finish.
     let streams = api.shutdown_token();
+    let (draining_tx, draining) = oneshot::channel();
     let shutdown = async move {
         shutdown.await;
         streams.cancel();
+        let _ = draining_tx.send(());
     };
     let workload = SpiffeWorkloadApiServer::with_interceptor(api, check_security_header);
-    Server::builder()
+    let server = Server::builder()
         .add_service(health)
         .add_service(reflection)
         .add_service(workload)
-        .serve_with_incoming_shutdown(socket.incoming(), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(socket.incoming(), shutdown);
+    // Other streams (a gRPC health `Watch`, a reflection session) never end either, and the
+    // graceful drain would wait for them forever: give them a bounded time, then stop anyway.
+    let deadline = async {
+        match draining.await {
+            Ok(()) => tokio::time::sleep(DRAIN_LIMIT).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = server => result?,
+        () = deadline => tracing::warn!(
+            limit = ?DRAIN_LIMIT,
+            "connections still open at shutdown; closing them"
+        ),
+    }
     Ok(())
 }
