@@ -24,7 +24,9 @@ pub enum ClientError {
         "no Workload API socket at {0}: is `agentid up` running, and is this the path it printed?"
     )]
     Missing(PathBuf),
-    #[error("connecting to {path}: {source}")]
+    /// A socket file nobody accepts on (typically left by a daemon that was killed). The
+    /// cause is the error's source, not repeated here: `{:#}` would print it twice.
+    #[error("cannot connect to {path} (is `agentid up` running, and is this the path it printed?)")]
     Connect {
         path: PathBuf,
         source: tonic::transport::Error,
