@@ -85,9 +85,21 @@ impl Daemon {
         }
         let admin = banner
             .lines()
-            .find_map(|l| l.trim().strip_prefix("admin").map(|r| r.trim().split_whitespace().next().unwrap_or("").to_owned()))
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("admin")
+                    .map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
+            })
             .unwrap_or_default();
-        Ok(Daemon { child: Some(child), dir: dir.to_owned(), socket, state, admin, banner, stderr_path })
+        Ok(Daemon {
+            child: Some(child),
+            dir: dir.to_owned(),
+            socket,
+            state,
+            admin,
+            banner,
+            stderr_path,
+        })
     }
 
     /// `unix:///…` for SPIFFE clients.
@@ -113,7 +125,9 @@ impl Daemon {
 
     /// SIGTERM, then waits for a clean exit; returns whether it exited 0.
     pub fn stop(&mut self) -> bool {
-        let Some(mut child) = self.child.take() else { return false };
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         for _ in 0..100 {
@@ -141,10 +155,17 @@ impl Drop for Daemon {
 pub fn cli(socket: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(bin())
         .args(args)
-        .env("SPIFFE_ENDPOINT_SOCKET", format!("unix://{}", socket.display()))
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", socket.display()),
+        )
         .output()
         .expect("run agentid");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Writes a policy file and returns its path.
