@@ -312,6 +312,13 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         const METHOD: &str = "FetchX509SVID";
         let start = Instant::now();
+        // Watch for changes before reading the state the first message is built from, so a
+        // change that lands while it is being built still wakes the stream.
+        let mut generation = self.cache.subscribe();
+        let mut policies = self.policies.clone();
+        let mut bundles = self.bundles.clone();
+        policies.mark_unchanged();
+        bundles.mark_unchanged();
         let result = async {
             let peer = peer_of(&req)?;
             let caller = self.resolve_entitled(&peer, METHOD).await?;
@@ -328,12 +335,6 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             let _guard = StreamGuard::new(&api.metrics);
             // While the stream is open its SVIDs are renewed even if nothing else fetches them.
             let mut _hold = api.cache.hold(keys);
-            let mut generation = api.cache.subscribe();
-            let mut policies = api.policies.clone();
-            let mut bundles = api.bundles.clone();
-            generation.mark_unchanged();
-            policies.mark_unchanged();
-            bundles.mark_unchanged();
             let mut last = first.clone();
             if tx.send(Ok(first)).await.is_err() {
                 return;
@@ -610,4 +611,133 @@ fn to_value(v: serde_json::Value) -> prost_types::Value {
         J::Object(o) => Kind::StructValue(to_struct(o)),
     };
     prost_types::Value { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::node::attest::AttestError;
+    use crate::node::issuer::{IssueError, SvidIssuer, X509Request};
+    use crate::policy::{UnixFacts, parse_documents};
+    use crate::server::{Authority, AuthorityConfig};
+    use pb::spiffe_workload_api_server::SpiffeWorkloadApi;
+
+    /// Attests every caller as uid 1000.
+    struct Uid1000;
+
+    #[async_trait::async_trait]
+    impl WorkloadAttestor for Uid1000 {
+        async fn attest(&self, _: &PeerInfo) -> Result<WorkloadFacts, AttestError> {
+            Ok(WorkloadFacts {
+                unix: Some(UnixFacts {
+                    uid: 1000,
+                    gid: 1000,
+                    ..Default::default()
+                }),
+            })
+        }
+    }
+
+    /// The real authority; the first X.509 signing waits until the test opens the gate.
+    struct Gated {
+        authority: Authority,
+        gate: AtomicBool,
+        entered: Notify,
+        open: Notify,
+        bundles: watch::Sender<Arc<TrustBundles>>,
+    }
+
+    #[async_trait::async_trait]
+    impl SvidIssuer for Gated {
+        async fn sign_x509(&self, req: X509Request) -> Result<Vec<Vec<u8>>, IssueError> {
+            if self.gate.swap(false, Ordering::SeqCst) {
+                self.entered.notify_one();
+                self.open.notified().await;
+            }
+            self.authority
+                .sign_x509_svid(&req.spiffe_id, &req.spki_der, req.ttl, &req.extensions)
+                .map_err(|e| IssueError(e.to_string()))
+        }
+        async fn sign_jwt(&self, req: JwtRequest) -> Result<String, IssueError> {
+            self.authority
+                .sign_jwt_svid(&req.spiffe_id, &req.audience, req.ttl, req.claims)
+                .map_err(|e| IssueError(e.to_string()))
+        }
+        fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>> {
+            self.bundles.subscribe()
+        }
+    }
+
+    fn policies(td: &TrustDomain, names: &[&str]) -> Arc<PolicySet> {
+        let yaml: Vec<String> = names
+            .iter()
+            .map(|n| {
+                format!(
+                    "apiVersion: agentid.dev/v1alpha1\nkind: AgentIdentity\nmetadata: {{name: {n}}}\nspec:\n  spiffeID: \"spiffe://{{{{ .TrustDomain }}}}/{n}\"\n  selector: {{unix: {{uid: 1000}}}}\n"
+                )
+            })
+            .collect();
+        Arc::new(PolicySet::new(
+            parse_documents("p.yaml", &yaml.join("---\n"), td).unwrap(),
+        ))
+    }
+
+    // ST-03: a policy change that lands while the first response of a stream is being built
+    // (after the policies were read) must still reach that stream.
+    #[tokio::test]
+    async fn change_during_first_response_reaches_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let authority =
+            Authority::open(dir.path(), td.clone(), AuthorityConfig::default()).unwrap();
+        let bundles = watch::Sender::new(Arc::new(TrustBundles {
+            trust_domain: td.clone(),
+            own: authority.bundle(),
+            federated: Default::default(),
+        }));
+        let issuer = Arc::new(Gated {
+            authority,
+            gate: AtomicBool::new(true),
+            entered: Notify::new(),
+            open: Notify::new(),
+            bundles,
+        });
+        let metrics = NodeMetrics::unregistered();
+        let audit = AuditLog::memory("test");
+        let cache = SvidCache::new(issuer.clone(), audit.clone(), metrics.clone());
+        let (policy_tx, policy_rx) = watch::channel(policies(&td, &["a"]));
+        let api = WorkloadApi::new(
+            td.clone(),
+            Arc::new(Uid1000),
+            policy_rx,
+            issuer.bundles(),
+            cache,
+            audit,
+            metrics,
+        );
+
+        let mut req = Request::new(pb::X509svidRequest {});
+        req.extensions_mut().insert(PeerInfo::current_process());
+        let call = tokio::spawn(async move { api.fetch_x509svid(req).await });
+        issuer.entered.notified().await;
+        policy_tx.send(policies(&td, &["a", "b"])).unwrap();
+        issuer.open.notify_one();
+
+        let mut stream = call.await.unwrap().expect("stream opens").into_inner();
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(first.svids.len(), 1, "built from the policies read first");
+        let next = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("the change made while the first response was built is pushed")
+            .unwrap()
+            .unwrap();
+        let ids: Vec<&str> = next.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+        assert_eq!(ids, ["spiffe://example.org/a", "spiffe://example.org/b"]);
+    }
 }
