@@ -9,6 +9,7 @@ pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod composite;
 pub mod crypto;
 pub mod metrics;
 pub mod node;

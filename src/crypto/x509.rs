@@ -32,12 +32,16 @@ pub enum X509Error {
     UriSanCount(usize),
     #[error("URI SAN is not a SPIFFE ID: {0}")]
     BadUri(String),
+    #[error("extension OID {0}: not a DER OID whose arcs fit in 64 bits")]
+    ExtensionOid(String),
 }
 
 /// One non-critical extension to add to a leaf (composite identity claims).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Extension {
-    pub oid: Vec<u64>,
+    /// The OID as a full DER TLV (`0x06`, length, content): the form certificates carry and
+    /// parsers hand back, so decoding compares bytes.
+    pub oid_der: Vec<u8>,
     /// DER-encoded extension value (inside the OCTET STRING).
     pub value: Vec<u8>,
 }
@@ -154,11 +158,27 @@ impl CaSigner {
         params.not_after = not_after.into();
         params.custom_extensions = extensions
             .iter()
-            .map(|e| CustomExtension::from_oid_content(&e.oid, e.value.clone()))
-            .collect();
+            .map(|e| {
+                Ok(CustomExtension::from_oid_content(
+                    &oid_arcs(&e.oid_der)?,
+                    e.value.clone(),
+                ))
+            })
+            .collect::<Result<_, X509Error>>()?;
         let public = SubjectPublicKeyInfo::from_der(spki_der)?;
         Ok(params.signed_by(&public, &self.issuer)?.der().to_vec())
     }
+}
+
+/// The arcs of a DER OID, for rcgen (which takes OIDs as `u64` arcs).
+fn oid_arcs(oid_der: &[u8]) -> Result<Vec<u64>, X509Error> {
+    let bad = || X509Error::ExtensionOid(hex::encode(oid_der));
+    let content = match oid_der {
+        [0x06, len, rest @ ..] if usize::from(*len) == rest.len() && *len < 0x80 => rest,
+        _ => return Err(bad()),
+    };
+    let oid = x509_parser::der_parser::oid::Oid::new(std::borrow::Cow::Borrowed(content));
+    oid.iter().map(Iterator::collect).ok_or_else(bad)
 }
 
 fn random_serial() -> SerialNumber {

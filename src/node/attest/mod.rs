@@ -1,4 +1,7 @@
 //! Workload attestation: what the kernel (and later the cluster) says about a caller.
+pub mod cgroup;
+pub mod cgroup_fs;
+pub mod rootfs;
 mod unix;
 
 pub use unix::user_name;
