@@ -8,6 +8,7 @@ mod lifecycle_support;
 
 use std::time::Duration;
 
+use agentid::api::workload as pb;
 use common::{Daemon, my_uid, policy_doc, write_policy};
 use lifecycle_support::*;
 
@@ -270,4 +271,58 @@ async fn live_reload_refuses_broken_edits_pushes_changes_and_withdraws() {
         .expect_err("no identity any more");
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     assert_eq!(reload_failures(&d), 1.0);
+}
+
+/// XB-02 / JB-04 on open streams: a caller whose last identity is withdrawn stops receiving
+/// bundles, the way FetchX509SVID ends.
+#[tokio::test]
+async fn withdrawal_ends_open_bundle_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pdir = subdir(tmp.path(), "policies");
+    let file = write_policy(
+        &pdir,
+        "a.yaml",
+        &policy_doc("one", "/agent/one", my_uid(), ""),
+    );
+    let d = Daemon::start_in(tmp.path(), &["--policy", file.to_str().unwrap()]);
+    let mut client = connect(&d.socket).await;
+    let mut x509 = client
+        .fetch_x509_bundles(pb::X509BundlesRequest {})
+        .await
+        .expect("FetchX509Bundles")
+        .into_inner();
+    let mut jwt = client
+        .fetch_jwt_bundles(pb::JwtBundlesRequest {})
+        .await
+        .expect("FetchJWTBundles")
+        .into_inner();
+    assert!(matches!(
+        next_within(&mut x509, EVENT).await,
+        Some(Ok(Some(_)))
+    ));
+    assert!(matches!(
+        next_within(&mut jwt, EVENT).await,
+        Some(Ok(Some(_)))
+    ));
+
+    // Another caller's policy only: this process is entitled to nothing any more.
+    replace_file(&file, &policy_doc("nobody", "/agent/nobody", 65534, ""));
+    for (name, next) in [
+        (
+            "FetchX509Bundles",
+            next_within(&mut x509, PUSH).await.map(|r| r.map(|_| ())),
+        ),
+        (
+            "FetchJWTBundles",
+            next_within(&mut jwt, PUSH).await.map(|r| r.map(|_| ())),
+        ),
+    ] {
+        match next {
+            Some(Err(status)) => {
+                assert_eq!(status.code(), tonic::Code::PermissionDenied, "{name}");
+                assert_eq!(status.message(), "no identity issued", "{name}");
+            }
+            other => panic!("{name}: expected PermissionDenied, got {other:?}"),
+        }
+    }
 }

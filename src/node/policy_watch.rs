@@ -30,8 +30,12 @@ pub fn spawn(
     metrics: NodeMetrics,
 ) -> Result<(), notify::Error> {
     let (events_tx, mut events) = mpsc::unbounded_channel::<()>();
+    let relevant = Relevant::new(&paths);
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok_and(|e| !e.kind.is_access()) {
+        if let Ok(e) = res
+            && !e.kind.is_access()
+            && e.paths.iter().any(|p| relevant.matches(p))
+        {
             let _ = events_tx.send(());
         }
     })?;
@@ -61,6 +65,29 @@ pub fn spawn(
         }
     });
     Ok(())
+}
+
+/// Which file events concern the policies: the named files themselves, and `*.yaml` /
+/// `*.yml` in named directories. Other files next to a policy file (a log, an editor's swap
+/// file) must not trigger reloads.
+struct Relevant {
+    files: Vec<PathBuf>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Relevant {
+    fn new(paths: &[PathBuf]) -> Self {
+        let (dirs, files) = paths.iter().cloned().partition(|p| p.is_dir());
+        Self { files, dirs }
+    }
+
+    fn matches(&self, path: &std::path::Path) -> bool {
+        self.files.iter().any(|f| f == path)
+            || (path.extension().is_some_and(|x| x == "yaml" || x == "yml")
+                && path
+                    .parent()
+                    .is_some_and(|d| self.dirs.iter().any(|w| w == d)))
+    }
 }
 
 fn reload(
@@ -104,5 +131,30 @@ fn reload(
 fn record(audit: &AuditLog, event: AuditEvent) {
     if let Err(e) = audit.record(event) {
         tracing::error!(error = %e, "writing audit record");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_policy_files_are_relevant() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("policies");
+        std::fs::create_dir(&sub).unwrap();
+        let file = dir.path().join("p.yaml");
+        let r = Relevant::new(&[file.clone(), sub.clone()]);
+        assert!(r.matches(&file));
+        assert!(
+            !r.matches(&dir.path().join("agentid.log")),
+            "a neighbour of a policy file"
+        );
+        assert!(
+            !r.matches(&dir.path().join("other.yaml")),
+            "a neighbour of a policy file"
+        );
+        assert!(r.matches(&sub.join("a.yml")));
+        assert!(!r.matches(&sub.join(".a.yaml.swp")));
     }
 }

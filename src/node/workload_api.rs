@@ -388,12 +388,12 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let result = async {
             let peer = peer_of(&req)?;
             self.resolve_entitled(&peer, METHOD).await?;
-            Ok(())
+            Ok(peer)
         }
         .await;
         self.observe(METHOD, start, &result);
-        result?;
-        Ok(Response::new(bundle_stream(self, |b| {
+        let peer = result?;
+        Ok(Response::new(bundle_stream(self, peer, METHOD, |b| {
             pb::X509BundlesResponse {
                 crl: Vec::new(),
                 bundles: x509_bundles(b),
@@ -421,12 +421,12 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let result = async {
             let peer = peer_of(&req)?;
             self.resolve_entitled(&peer, METHOD).await?;
-            Ok(())
+            Ok(peer)
         }
         .await;
         self.observe(METHOD, start, &result);
-        result?;
-        Ok(Response::new(bundle_stream(self, |b| {
+        let peer = result?;
+        Ok(Response::new(bundle_stream(self, peer, METHOD, |b| {
             pb::JwtBundlesResponse {
                 bundles: jwt_bundles(b),
             }
@@ -560,16 +560,22 @@ impl WorkloadApi {
 
 /// A bundle stream: the current bundles at once, then again on every change that alters the
 /// message (byte-identical re-sends are suppressed, as SPIRE does).
-fn bundle_stream<T>(api: &WorkloadApi, build: fn(&TrustBundles) -> T) -> StreamOf<T>
+fn bundle_stream<T>(
+    api: &WorkloadApi,
+    peer: PeerInfo,
+    method: &'static str,
+    build: fn(&TrustBundles) -> T,
+) -> StreamOf<T>
 where
     T: PartialEq + Clone + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(2);
-    let mut bundles = api.bundles.clone();
-    let metrics = api.metrics.clone();
-    let shutdown = api.shutdown.clone();
+    let api = api.clone();
     tokio::spawn(async move {
-        let _guard = StreamGuard::new(&metrics);
+        let _guard = StreamGuard::new(&api.metrics);
+        let mut bundles = api.bundles.clone();
+        let mut policies = api.policies.clone();
+        policies.mark_unchanged();
         let mut last = build(&bundles.borrow_and_update());
         if tx.send(Ok(last.clone())).await.is_err() {
             return;
@@ -577,8 +583,19 @@ where
         loop {
             tokio::select! {
                 _ = tx.closed() => return,
-                _ = shutdown.cancelled() => return,
+                _ = api.shutdown.cancelled() => return,
                 r = bundles.changed() => if r.is_err() { return },
+                r = policies.changed() => {
+                    if r.is_err() { return }
+                    policies.mark_unchanged();
+                    // Bundles are for callers with an identity (XB-02, JB-04): a caller whose
+                    // last identity was withdrawn is told so, as on FetchX509SVID.
+                    if let Err(status) = api.resolve_entitled(&peer, method).await {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                    continue;
+                }
             }
             let msg = build(&bundles.borrow_and_update());
             if msg != last {
