@@ -1,6 +1,7 @@
 //! The node daemon: serves the SPIFFE Workload API on a Unix socket and attests callers.
 pub mod attest;
 pub mod cache;
+pub mod composite;
 pub mod h2_authority;
 pub mod issuer;
 pub mod peer;
