@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -44,6 +45,15 @@ pub enum Command {
     /// The audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Benchmark the Workload API against a minimal floor server, and issuance against raw signing.
+    Bench(BenchArgs),
+    /// The benchmark's floor server (started by `agentid bench`).
+    #[command(hide = true)]
+    BenchFloor {
+        /// Unix socket to serve on.
+        #[arg(long)]
+        socket: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -141,6 +151,32 @@ pub enum AuditCommand {
         #[arg(long)]
         any_start: bool,
     },
+}
+
+/// `agentid bench`: every figure is measured against a floor taken in the same run.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Measuring time per load level and server, split over the alternating rounds.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Concurrent FetchX509SVID clients, one connection each.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000")]
+    pub levels: Vec<usize>,
+    /// Concurrent FetchJWTSVID clients, one connection each.
+    #[arg(long, value_delimiter = ',', default_value = "1,100")]
+    pub jwt_levels: Vec<usize>,
+    /// Open FetchX509SVID streams for the memory measurement.
+    #[arg(long, default_value_t = 1000)]
+    pub streams: usize,
+    /// Floor/daemon alternations per level (drift on a shared machine hits both alike).
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// A short smoke run: at most 0.5 s per level, one round.
+    #[arg(long)]
+    pub quick: bool,
+    /// Machine-readable JSON output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `$XDG_STATE_HOME/agentid`, else `~/.local/state/agentid`.

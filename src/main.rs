@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use agentid::cli::{AuditCommand, BundleCommand, Cli, Command, JwtCommand, LogFormat, X509Command};
-use agentid::{commands, up};
+use agentid::{bench, commands, up};
 use clap::Parser;
 
 /// Exit code for configuration errors (EX_CONFIG is 78; 64 is EX_USAGE, what DESIGN.md asks).
@@ -88,6 +88,10 @@ async fn run(command: Command) -> Result<(), Failure> {
         Command::Bundle(BundleCommand::Show { client }) => Ok(commands::bundle_show(client).await?),
         Command::Audit(AuditCommand::Verify { file, any_start }) => {
             Ok(commands::audit_verify(&file, any_start)?)
+        }
+        Command::Bench(args) => Ok(bench::run(args).await?),
+        Command::BenchFloor { socket } => {
+            Ok(bench::floor::serve(&socket, shutdown_signal()).await?)
         }
     }
 }

@@ -1,0 +1,418 @@
+//! `agentid bench`: the Workload API daemon measured against a floor in the same run.
+//!
+//! The daemon under test is the real `agentid up`, started as a child process; this process
+//! is its client, so every call goes through Unix attestation of this process, policy
+//! matching and the SVID cache. The floor (`floor.rs`) is a minimal tonic server sending
+//! pre-made answers, in a child process of its own. Load levels alternate between the two
+//! (floor, daemon, floor, daemon...) so drift on a shared machine hits both alike, and every
+//! figure is reported as daemon/floor. Issuance is measured against raw ECDSA signing.
+pub mod floor;
+pub mod load;
+pub mod procs;
+pub mod signing;
+pub mod stats;
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::cli::BenchArgs;
+use load::Call;
+use procs::{ScratchDir, Server};
+use signing::Signing;
+use stats::Summary;
+
+/// Latency and memory may cost at most this much over the floor.
+pub const MAX_OVER_FLOOR: f64 = 1.5;
+/// Issuance must reach at least this fraction of the raw signing rate.
+pub const MIN_ISSUANCE_RATIO: f64 = 0.5;
+
+/// Everything one run measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub setup: Setup,
+    pub x509: Vec<Level>,
+    pub jwt: Vec<Level>,
+    pub rss: Rss,
+    pub issuance: Signing,
+    pub targets: Vec<Target>,
+}
+
+/// How the run was made.
+#[derive(Debug, Serialize)]
+pub struct Setup {
+    pub cpus: usize,
+    pub release_build: bool,
+    /// Length of one measuring window (one server, one round, one level).
+    pub window_ms: u128,
+    pub rounds: usize,
+    pub open_files_limit: u64,
+}
+
+/// One load level: both servers and their ratios.
+#[derive(Debug, Serialize)]
+pub struct Level {
+    pub clients: usize,
+    pub daemon: Summary,
+    pub floor: Summary,
+    pub ratio: Ratios,
+}
+
+/// daemon / floor for each figure.
+#[derive(Debug, Serialize)]
+pub struct Ratios {
+    pub p50: f64,
+    pub p99: f64,
+    pub per_sec: f64,
+    pub server_cpu: f64,
+}
+
+/// Resident memory of each server process.
+#[derive(Debug, Serialize)]
+pub struct Rss {
+    pub streams: usize,
+    pub daemon_idle_mib: f64,
+    pub floor_idle_mib: f64,
+    pub daemon_mib: f64,
+    pub floor_mib: f64,
+    /// daemon / floor with the streams open.
+    pub ratio: f64,
+}
+
+/// One target and whether this run met it.
+#[derive(Debug, Serialize)]
+pub struct Target {
+    pub what: String,
+    pub value: f64,
+    /// `<= 1.5` or `>= 0.5`.
+    pub target: String,
+    pub met: bool,
+}
+
+struct Plan {
+    window: Duration,
+    rounds: usize,
+    levels: Vec<usize>,
+    jwt_levels: Vec<usize>,
+    streams: usize,
+}
+
+impl Plan {
+    fn from(args: &BenchArgs) -> Self {
+        let (duration, rounds) = if args.quick {
+            (args.duration.min(Duration::from_millis(500)), 1)
+        } else {
+            (args.duration, args.rounds.max(1))
+        };
+        Self {
+            window: duration / rounds as u32,
+            rounds,
+            levels: args.levels.clone(),
+            jwt_levels: args.jwt_levels.clone(),
+            streams: args.streams,
+        }
+    }
+}
+
+fn progress(msg: &str) {
+    eprintln!("bench: {msg}");
+}
+
+/// `agentid bench`.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let plan = Plan::from(&args);
+    if cfg!(debug_assertions) {
+        progress("this is a debug build; figures mean little (use cargo run --release -- bench)");
+    }
+    let open_files_limit = procs::raise_nofile_limit();
+    let dir = ScratchDir::new()?;
+    let exe = std::env::current_exe()?;
+    let (id, _) = floor::default_identity()?;
+
+    let mut floor = Server::floor(&exe, dir.path())?;
+    let mut daemon = Server::daemon(&exe, dir.path())?;
+    floor.ready().await?;
+    daemon.ready().await?;
+    // First calls issue the SVID and JWT-SVID and hash this executable: the cache is warm after.
+    for s in [&floor, &daemon] {
+        for call in [Call::X509, Call::Jwt] {
+            let conns = load::connect(&s.socket, 1).await?;
+            load::run(conns, call, Duration::ZERO, || s.cpu_time()).await?;
+        }
+    }
+
+    // Memory first, while both processes have only been warmed up.
+    progress(&format!("memory with {} open streams", plan.streams));
+    let rss = measure_rss(&floor, &daemon, plan.streams).await?;
+
+    let mut x509 = Vec::new();
+    for &n in &plan.levels {
+        progress(&format!("FetchX509SVID, {n} clients"));
+        x509.push(measure_level(&plan, &floor, &daemon, Call::X509, n).await?);
+    }
+    let mut jwt = Vec::new();
+    for &n in &plan.jwt_levels {
+        progress(&format!("FetchJWTSVID, {n} clients"));
+        jwt.push(measure_level(&plan, &floor, &daemon, Call::Jwt, n).await?);
+    }
+    drop((floor, daemon));
+
+    progress("X.509 issuance and raw ECDSA P-256 signing");
+    let state = dir.path().join("bench-authority");
+    let (window, rounds) = (plan.window, plan.rounds);
+    let issuance =
+        tokio::task::spawn_blocking(move || signing::measure(&state, &id, window, rounds))
+            .await??;
+
+    let report = Report {
+        setup: Setup {
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            release_build: !cfg!(debug_assertions),
+            window_ms: plan.window.as_millis(),
+            rounds: plan.rounds,
+            open_files_limit,
+        },
+        targets: targets(&x509, &jwt, &rss, &issuance),
+        x509,
+        jwt,
+        rss,
+        issuance,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(())
+}
+
+async fn measure_level(
+    plan: &Plan,
+    floor: &Server,
+    daemon: &Server,
+    call: Call,
+    clients: usize,
+) -> anyhow::Result<Level> {
+    let mut f = (Vec::new(), Duration::ZERO);
+    let mut d = (Vec::new(), Duration::ZERO);
+    for _ in 0..plan.rounds {
+        for (server, (samples, cpu)) in [(floor, &mut f), (daemon, &mut d)] {
+            let conns = load::connect(&server.socket, clients).await?;
+            let w = load::run(conns, call, plan.window, || server.cpu_time()).await?;
+            samples.extend(w.latencies);
+            *cpu += w.server_cpu;
+        }
+    }
+    let total = plan.window * plan.rounds as u32;
+    let (floor, daemon) = (Summary::of(f.0, total, f.1), Summary::of(d.0, total, d.1));
+    Ok(Level {
+        clients,
+        ratio: Ratios {
+            p50: daemon.p50_ms / floor.p50_ms,
+            p99: daemon.p99_ms / floor.p99_ms,
+            per_sec: daemon.per_sec / floor.per_sec,
+            server_cpu: daemon.server_cpu_us / floor.server_cpu_us,
+        },
+        daemon,
+        floor,
+    })
+}
+
+async fn measure_rss(floor: &Server, daemon: &Server, streams: usize) -> anyhow::Result<Rss> {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let (floor_idle, daemon_idle) = (floor.rss_bytes()?, daemon.rss_bytes()?);
+    let mut held = Vec::new();
+    for server in [floor, daemon] {
+        let open = load::open_streams(&server.socket, streams).await?;
+        // Let the server finish whatever the last accepted streams started.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        held.push(server.rss_bytes()?);
+        drop(open);
+    }
+    let (floor_rss, daemon_rss) = (held[0] as f64, held[1] as f64);
+    Ok(Rss {
+        streams,
+        daemon_idle_mib: daemon_idle as f64 / MIB,
+        floor_idle_mib: floor_idle as f64 / MIB,
+        daemon_mib: daemon_rss / MIB,
+        floor_mib: floor_rss / MIB,
+        ratio: daemon_rss / floor_rss,
+    })
+}
+
+fn clients_label(n: usize) -> String {
+    format!("{n} client{}", if n == 1 { "" } else { "s" })
+}
+
+fn targets(x509: &[Level], jwt: &[Level], rss: &Rss, issuance: &Signing) -> Vec<Target> {
+    let at_most = |what: String, value: f64, limit: f64| Target {
+        what,
+        value,
+        target: format!("<= {limit}"),
+        met: value <= limit,
+    };
+    let at_least = |what: String, value: f64, limit: f64| Target {
+        what,
+        value,
+        target: format!(">= {limit:.2}"),
+        met: value >= limit,
+    };
+    let mut out = Vec::new();
+    for (name, levels) in [("FetchX509SVID", x509), ("FetchJWTSVID", jwt)] {
+        for l in levels {
+            let n = clients_label(l.clients);
+            out.push(at_most(
+                format!("{name} {n} p50"),
+                l.ratio.p50,
+                MAX_OVER_FLOOR,
+            ));
+            out.push(at_most(
+                format!("{name} {n} p99"),
+                l.ratio.p99,
+                MAX_OVER_FLOOR,
+            ));
+            out.push(at_least(
+                format!("{name} {n} rate"),
+                l.ratio.per_sec,
+                1.0 / MAX_OVER_FLOOR,
+            ));
+        }
+    }
+    out.push(at_most(
+        format!("RSS with {} streams", rss.streams),
+        rss.ratio,
+        MAX_OVER_FLOOR,
+    ));
+    out.push(at_least(
+        "X.509 issuance / raw signing".into(),
+        issuance.ratio,
+        MIN_ISSUANCE_RATIO,
+    ));
+    out
+}
+
+/// The human table: ratios first, then the absolute figures.
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    let s = &r.setup;
+    let _ = writeln!(
+        out,
+        "agentid bench: {} build, {} CPUs shared by the clients and both servers,\n\
+         {} round(s) of {} ms per level and server, alternating floor and daemon\n",
+        if s.release_build { "release" } else { "DEBUG" },
+        s.cpus,
+        s.rounds,
+        s.window_ms
+    );
+    let target = |what: &str| r.targets.iter().find(|t| t.what == what);
+    let head = |out: &mut String, title: &str, a: &str, b: &str| {
+        let _ = writeln!(
+            out,
+            "{title:<30} {:>7}  {:<8} {:<6} {a:>11}  {b:>11}",
+            "ratio", "target", ""
+        );
+    };
+    let row =
+        |out: &mut String, label: &str, t: Option<&Target>, ratio: f64, a: String, b: String| {
+            let (goal, met) = match t {
+                Some(t) => (t.target.as_str(), if t.met { "ok" } else { "MISSED" }),
+                None => ("", ""),
+            };
+            let _ = writeln!(
+                out,
+                "  {label:<28} {ratio:>6.2}x  {goal:<8} {met:<6} {a:>11}  {b:>11}"
+            );
+        };
+    for (name, levels) in [("FetchX509SVID", &r.x509), ("FetchJWTSVID", &r.jwt)] {
+        if levels.is_empty() {
+            continue;
+        }
+        head(&mut out, name, "daemon", "floor");
+        for l in levels {
+            let who = clients_label(l.clients);
+            let key = |m: &str| format!("{name} {who} {m}");
+            let ms = |v: f64| format!("{v:.3} ms");
+            let (d, f) = (&l.daemon, &l.floor);
+            row(
+                &mut out,
+                &format!("{who:<12} p50"),
+                target(&key("p50")),
+                l.ratio.p50,
+                ms(d.p50_ms),
+                ms(f.p50_ms),
+            );
+            row(
+                &mut out,
+                &format!("{:<12} p99", ""),
+                target(&key("p99")),
+                l.ratio.p99,
+                ms(d.p99_ms),
+                ms(f.p99_ms),
+            );
+            row(
+                &mut out,
+                &format!("{:<12} rate", ""),
+                target(&key("rate")),
+                l.ratio.per_sec,
+                format!("{:.0}/s", d.per_sec),
+                format!("{:.0}/s", f.per_sec),
+            );
+            row(
+                &mut out,
+                &format!("{:<12} server CPU", ""),
+                None,
+                l.ratio.server_cpu,
+                format!("{:.0} us", d.server_cpu_us),
+                format!("{:.0} us", f.server_cpu_us),
+            );
+        }
+        out.push('\n');
+    }
+    let m = &r.rss;
+    let mib = |v: f64| format!("{v:.1} MiB");
+    head(&mut out, "Server RSS", "daemon", "floor");
+    row(
+        &mut out,
+        &format!("{} open streams", m.streams),
+        target(&format!("RSS with {} streams", m.streams)),
+        m.ratio,
+        mib(m.daemon_mib),
+        mib(m.floor_mib),
+    );
+    row(
+        &mut out,
+        "idle, before the streams",
+        None,
+        m.daemon_idle_mib / m.floor_idle_mib,
+        mib(m.daemon_idle_mib),
+        mib(m.floor_idle_mib),
+    );
+    out.push('\n');
+    let i = &r.issuance;
+    head(&mut out, "X.509 issuance, 1 thread", "issuance", "raw sign");
+    row(
+        &mut out,
+        "keygen+sign / ECDSA sign",
+        target("X.509 issuance / raw signing"),
+        i.ratio,
+        format!("{:.0}/s", i.issued_per_sec),
+        format!("{:.0}/s", i.raw_signs_per_sec),
+    );
+    out.push('\n');
+    let missed: Vec<&Target> = r.targets.iter().filter(|t| !t.met).collect();
+    let _ = writeln!(
+        out,
+        "targets met: {} of {}",
+        r.targets.len() - missed.len(),
+        r.targets.len()
+    );
+    for t in missed {
+        let _ = writeln!(
+            out,
+            "  missed: {} ({:.2}, target {})",
+            t.what, t.value, t.target
+        );
+    }
+    out
+}

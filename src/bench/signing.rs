@@ -1,0 +1,100 @@
+//! X.509 issuance against the cost it cannot go below: one ECDSA P-256 signature. Both loops
+//! run on one thread of this process, alternating, so they see the same machine.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
+use serde::Serialize;
+
+use crate::crypto::PrivateKey;
+use crate::server::{Authority, AuthorityConfig};
+use crate::spiffe::SpiffeId;
+
+/// About the size of a leaf certificate's to-be-signed part.
+const MESSAGE_LEN: usize = 300;
+/// Operations between clock reads.
+const BATCH: u64 = 16;
+
+/// Issuance and raw-signing rates.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Signing {
+    /// Node-side key generation plus `Authority::sign_x509_svid`, per second on one thread.
+    pub issued_per_sec: f64,
+    /// `EcdsaKeyPair::sign` over a 300-byte message, per second on one thread.
+    pub raw_signs_per_sec: f64,
+    /// issued / raw.
+    pub ratio: f64,
+}
+
+/// Alternates `rounds` raw-signing and issuance windows of `window` each.
+pub fn measure(
+    state: &Path,
+    id: &SpiffeId,
+    window: Duration,
+    rounds: usize,
+) -> anyhow::Result<Signing> {
+    let authority = Authority::open(state, id.trust_domain().clone(), AuthorityConfig::default())?;
+    let rng = SystemRandom::new();
+    let raw_key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)?;
+    let message = [0x5a_u8; MESSAGE_LEN];
+    let ttl = crate::policy::DEFAULT_X509_TTL;
+    let (mut raw, mut issued) = (Count::default(), Count::default());
+    for _ in 0..rounds.max(1) {
+        raw += count_for(window, || {
+            std::hint::black_box(raw_key.sign(&rng, &message)?);
+            Ok(())
+        })?;
+        issued += count_for(window, || {
+            // What the node daemon does for a new SVID: a fresh key, signed by the authority.
+            let key = PrivateKey::generate()?;
+            let chain = authority.sign_x509_svid(id, &key.spki_der(), ttl, &[])?;
+            std::hint::black_box((chain, key.pkcs8_der()));
+            Ok(())
+        })?;
+    }
+    let (issued, raw) = (issued.rate(), raw.rate());
+    Ok(Signing {
+        issued_per_sec: issued,
+        raw_signs_per_sec: raw,
+        ratio: issued / raw,
+    })
+}
+
+#[derive(Default)]
+struct Count {
+    ops: u64,
+    time: Duration,
+}
+
+impl std::ops::AddAssign for Count {
+    fn add_assign(&mut self, o: Self) {
+        self.ops += o.ops;
+        self.time += o.time;
+    }
+}
+
+impl Count {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.time.as_secs_f64().max(1e-9)
+    }
+}
+
+fn count_for(
+    window: Duration,
+    mut op: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Count> {
+    let start = Instant::now();
+    let mut ops = 0;
+    loop {
+        for _ in 0..BATCH {
+            op()?;
+        }
+        ops += BATCH;
+        let time = start.elapsed();
+        if time >= window {
+            return Ok(Count { ops, time });
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Latency percentiles and rates from raw samples. A run holds at most a few hundred thousand
+//! samples, so sorting them is cheaper and more exact than a histogram.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// What one server did under one load level, over all its rounds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Summary {
+    /// Completed calls inside the measuring windows.
+    pub calls: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Completed calls per second of measuring window.
+    pub per_sec: f64,
+    /// Server CPU time per completed call, in microseconds (all server threads).
+    pub server_cpu_us: f64,
+}
+
+impl Summary {
+    /// Summarises latency `samples` collected over `window` of wall time, during which the
+    /// server used `server_cpu`.
+    pub fn of(mut samples: Vec<Duration>, window: Duration, server_cpu: Duration) -> Self {
+        samples.sort_unstable();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        Self {
+            calls: samples.len(),
+            p50_ms: ms(percentile(&samples, 0.50)),
+            p99_ms: ms(percentile(&samples, 0.99)),
+            per_sec: samples.len() as f64 / window.as_secs_f64().max(1e-9),
+            server_cpu_us: server_cpu.as_secs_f64() * 1e6 / samples.len().max(1) as f64,
+        }
+    }
+}
+
+/// Nearest-rank percentile of sorted samples (zero when there are none).
+pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 0.50), Duration::from_millis(50));
+        assert_eq!(percentile(&v, 0.99), Duration::from_millis(99));
+        assert_eq!(percentile(&v[..1], 0.99), Duration::from_millis(1));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+        let s = Summary::of(v, Duration::from_secs(2), Duration::from_millis(10));
+        assert_eq!(s.calls, 100);
+        assert_eq!(s.per_sec, 50.0);
+        assert_eq!(s.p99_ms, 99.0);
+        assert_eq!(s.server_cpu_us, 100.0);
+    }
+}

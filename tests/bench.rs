@@ -1,0 +1,49 @@
+//! `agentid bench` end to end, shortened: it starts the real daemon and the floor as child
+//! processes, drives both from the bench process and reports every figure. The figures of a
+//! debug build mean nothing, so only the shape of the report is checked here.
+
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn quick_bench_reports_every_figure_against_the_floor() {
+    let out = Command::new(common::bin())
+        .args([
+            "bench",
+            "--quick",
+            "--duration",
+            "200ms",
+            "--levels",
+            "1,3",
+            "--jwt-levels",
+            "2",
+            "--streams",
+            "20",
+            "--json",
+        ])
+        .output()
+        .expect("run agentid bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "agentid bench failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+
+    let x509 = report["x509"].as_array().unwrap();
+    assert_eq!(x509.len(), 2);
+    assert_eq!(x509[1]["clients"], 3);
+    for level in x509.iter().chain(report["jwt"].as_array().unwrap()) {
+        for server in ["daemon", "floor"] {
+            assert!(level[server]["calls"].as_u64().unwrap() > 0, "{level}");
+            assert!(level[server]["p99_ms"].as_f64().unwrap() > 0.0, "{level}");
+        }
+        assert!(level["ratio"]["p50"].as_f64().unwrap() > 0.0, "{level}");
+    }
+    assert_eq!(report["jwt"][0]["clients"], 2);
+    assert_eq!(report["rss"]["streams"], 20);
+    assert!(report["rss"]["ratio"].as_f64().unwrap() > 0.0);
+    assert!(report["issuance"]["issued_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(report["issuance"]["raw_signs_per_sec"].as_f64().unwrap() > 0.0);
+    // 3 figures per load level, plus memory and issuance.
+    assert_eq!(report["targets"].as_array().unwrap().len(), 3 * 3 + 2);
+}
