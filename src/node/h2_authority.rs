@@ -25,7 +25,11 @@
 //! one-byte `0x3f` block panics), and `httlib-hpack` 0.1 indexes past the end
 //! of a truncated multi-byte integer. `loona-hpack` is the newest of that
 //! line (same author as `fluke-hpack`), bounds size updates with
-//! `set_max_allowed_table_size`, and rejects a block that ends in one.
+//! `set_max_allowed_table_size`, and rejects a block that ends in one. Its
+//! Huffman decoder rebuilds its code table for every string, though, so
+//! Huffman-coded literals are decoded first by `huffman.rs` (table-driven,
+//! refusing exactly what `loona-hpack` refuses) and the decoder reads the
+//! block with raw literals in their place.
 //!
 //! Choices: input that does not start with the HTTP/2 client preface is
 //! passed through untouched (HTTP/1 or garbage is `hyper`'s business, not
@@ -42,8 +46,9 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use loona_hpack::encoder::encode_integer_into;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+mod huffman;
 
 /// HTTP/2 default SETTINGS_MAX_FRAME_SIZE, the largest frame we emit unless
 /// told otherwise; every server accepts frames of this size.
@@ -237,38 +242,41 @@ impl<S> AuthorityRewrite<S> {
     /// Decodes a complete header block, fixes `:authority` and writes the
     /// re-encoded block to `out` as HEADERS + CONTINUATION frames.
     fn emit_block(&mut self, block: Block) -> io::Result<()> {
-        let mut fields = Vec::new();
+        // Huffman strings are decoded here rather than by `loona-hpack` (see
+        // `huffman.rs`); the decoder then reads the same block with raw
+        // literals. A block that does not parse goes to the decoder as it
+        // came, to be refused there.
+        let mut plain = Vec::new();
+        let input = match unhuffman(&block.fragment, &mut plain) {
+            Some(()) => &plain[..],
+            None => &block.fragment[..],
+        };
+        let mut encoded = Vec::with_capacity(input.len() + 64);
         let mut size = 0usize;
         // Decoded size is capped separately: one-byte references to a large
         // dynamic-table entry would otherwise expand 64 KiB into gigabytes.
         self.decoder
-            .decode_with_cb(&block.fragment, |name, value| {
+            .decode_with_cb(input, |name, value| {
                 size = size.saturating_add(name.len() + value.len() + 32);
-                if size <= MAX_HEADER_BLOCK {
-                    fields.push((name.into_owned(), value.into_owned()));
+                if size > MAX_HEADER_BLOCK {
+                    return;
                 }
+                let value = if &name[..] == b":authority"
+                    && !std::str::from_utf8(&value).is_ok_and(is_valid_authority)
+                {
+                    REPLACEMENT_AUTHORITY.as_bytes()
+                } else {
+                    &value[..]
+                };
+                // Literal without indexing, new name (RFC 7541 §6.2.2): never
+                // touches the server's dynamic table.
+                encoded.push(0);
+                put_string(&name, &mut encoded);
+                put_string(value, &mut encoded);
             })
             .map_err(|e| invalid(format!("hpack: {e}")))?;
         if size > MAX_HEADER_BLOCK {
             return Err(invalid("decoded header list too large"));
-        }
-
-        let mut encoded = Vec::with_capacity(size);
-        for (name, value) in &fields {
-            let value = if name == b":authority"
-                && !std::str::from_utf8(value).is_ok_and(is_valid_authority)
-            {
-                REPLACEMENT_AUTHORITY.as_bytes()
-            } else {
-                value
-            };
-            // Literal without indexing, new name (RFC 7541 §6.2.2): never
-            // touches the server's dynamic table.
-            encoded.push(0);
-            encode_integer_into(name.len(), 7, 0, &mut encoded)?;
-            encoded.extend_from_slice(name);
-            encode_integer_into(value.len(), 7, 0, &mut encoded)?;
-            encoded.extend_from_slice(value);
         }
 
         // The first frame keeps the HEADERS flags (END_STREAM, PRIORITY) but
@@ -300,6 +308,108 @@ impl<S> AuthorityRewrite<S> {
             (ty, flags) = (CONTINUATION, 0);
         }
     }
+}
+
+/// An HPACK integer with a 7-bit prefix and no flag bits (RFC 7541 §5.1).
+fn put_integer(mut value: usize, out: &mut Vec<u8>) {
+    if value < 0x7f {
+        out.push(value as u8);
+        return;
+    }
+    out.push(0x7f);
+    value -= 0x7f;
+    while value >= 0x80 {
+        out.push((value & 0x7f) as u8 | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// A raw (not Huffman-coded) HPACK string literal.
+fn put_string(s: &[u8], out: &mut Vec<u8>) {
+    put_integer(s.len(), out);
+    out.extend_from_slice(s);
+}
+
+/// Reads an HPACK integer whose prefix has `prefix` bits, starting at
+/// `block[at]`; returns it and the index after it. Refuses encodings of more
+/// than 5 octets, as `loona-hpack` does.
+fn get_integer(block: &[u8], at: usize, prefix: u32) -> Option<(usize, usize)> {
+    let mask = (1usize << prefix) - 1;
+    let value = usize::from(*block.get(at)?) & mask;
+    if value < mask {
+        return Some((value, at + 1));
+    }
+    let mut value = value;
+    for (k, &b) in block.get(at + 1..)?.iter().take(4).enumerate() {
+        value += usize::from(b & 0x7f) << (7 * k);
+        if b & 0x80 == 0 {
+            return Some((value, at + 2 + k));
+        }
+    }
+    None
+}
+
+/// Copies `block` to `out` with every Huffman-coded string literal replaced by
+/// its raw octets. Indices, representation bits and table size updates are
+/// copied as they are, so the result means exactly what `block` means to an
+/// HPACK decoder, dynamic table included. `None` if `block` does not parse.
+fn unhuffman(block: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    out.reserve(block.len() + block.len() / 2);
+    let mut at = 0;
+    while let Some(&first) = block.get(at) {
+        at = if first & 0x80 != 0 {
+            // Indexed field.
+            copy_integer(block, at, 7, out)?
+        } else if first & 0x40 != 0 {
+            // Literal with incremental indexing.
+            copy_literal(block, at, 6, out)?
+        } else if first & 0x20 != 0 {
+            // Dynamic table size update.
+            copy_integer(block, at, 5, out)?
+        } else {
+            // Literal without indexing, or never indexed.
+            copy_literal(block, at, 4, out)?
+        };
+    }
+    Some(())
+}
+
+fn copy_integer(block: &[u8], at: usize, prefix: u32, out: &mut Vec<u8>) -> Option<usize> {
+    let (_, next) = get_integer(block, at, prefix)?;
+    out.extend_from_slice(&block[at..next]);
+    Some(next)
+}
+
+/// A literal field: the name index (0: a name string follows), then the value.
+fn copy_literal(block: &[u8], at: usize, prefix: u32, out: &mut Vec<u8>) -> Option<usize> {
+    let (index, next) = get_integer(block, at, prefix)?;
+    out.extend_from_slice(&block[at..next]);
+    let next = if index == 0 {
+        copy_string(block, next, out)?
+    } else {
+        next
+    };
+    copy_string(block, next, out)
+}
+
+fn copy_string(block: &[u8], at: usize, out: &mut Vec<u8>) -> Option<usize> {
+    let (len, start) = get_integer(block, at, 7)?;
+    let end = start.checked_add(len)?;
+    let data = block.get(start..end)?;
+    if block[at] & 0x80 == 0 {
+        out.extend_from_slice(&block[at..end]);
+        return Some(end);
+    }
+    // The decoded length goes before the octets but is known only after
+    // decoding them: decode, then rotate the length in front.
+    let mark = out.len();
+    huffman::decode(data, out)?;
+    let decoded = out.len() - mark;
+    put_integer(decoded, out);
+    let prefix = out.len() - mark - decoded;
+    out[mark..].rotate_right(prefix);
+    Some(end)
 }
 
 /// Parses the payload of a HEADERS frame: strips padding, keeps priority.
@@ -452,6 +562,7 @@ impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
 #[cfg(test)]
 mod tests {
     use super::*;
+    use loona_hpack::encoder::encode_integer_into;
     use std::collections::BTreeMap;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1002,6 +1113,76 @@ mod tests {
         }
         // Both paths were exercised, not just early rejection.
         assert!(outcomes.iter().all(|&n| n > 300), "{outcomes:?}");
+    }
+
+    /// A block with every representation, Huffman strings included.
+    fn mixed_block(path: &str) -> Vec<u8> {
+        let huff = |s: &str, out: &mut Vec<u8>| {
+            let h = huffman::encode(s.as_bytes());
+            encode_integer_into(h.len(), 7, 0x80, out).unwrap();
+            out.extend_from_slice(&h);
+        };
+        let mut b = vec![0x3f, 0xe1, 0x1f, 0x83, 0x86]; // size update 4096, POST, http
+        b.push(0x04); // :path, literal without indexing, indexed name
+        huff(path, &mut b);
+        b.push(0x41); // :authority, literal with incremental indexing
+        huff("/tmp/agentid/workload.sock", &mut b);
+        b.push(0x40); // new name, incremental indexing
+        huff("workload.spiffe.io", &mut b);
+        huff("true", &mut b);
+        b.push(0x10); // never indexed, new name, raw strings
+        for part in ["x-long", &"v".repeat(300)] {
+            encode_integer_into(part.len(), 7, 0, &mut b).unwrap();
+            b.extend_from_slice(part.as_bytes());
+        }
+        b.extend_from_slice(&[0xbe, 0xbf]); // the two entries just added
+        b
+    }
+
+    #[test]
+    fn unhuffman_keeps_the_meaning_of_every_block() {
+        let blocks = [
+            mixed_block("/SpiffeWorkloadAPI/FetchX509SVID"),
+            mixed_block("/a"),
+        ];
+        let (mut a, mut b) = (loona_hpack::Decoder::new(), loona_hpack::Decoder::new());
+        for block in &blocks {
+            let mut plain = Vec::new();
+            unhuffman(block, &mut plain).unwrap();
+            assert!(plain.len() > block.len(), "strings were decoded");
+            assert_eq!(a.decode(block).unwrap(), b.decode(&plain).unwrap());
+        }
+        // Cut anywhere, a block either still parses or is left to the decoder to refuse.
+        let block = &blocks[0];
+        for cut in 0..block.len() {
+            let mut plain = Vec::new();
+            if unhuffman(&block[..cut], &mut plain).is_none() {
+                assert!(loona_hpack::Decoder::new().decode(&block[..cut]).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn unhuffman_agrees_with_the_decoder_on_arbitrary_blocks() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let valid = mixed_block("/p");
+        for round in 0..4_000 {
+            let block: Vec<u8> = if round % 2 == 0 {
+                (0..rng.usize(0..16)).map(|_| rng.u8(..)).collect()
+            } else {
+                let mut v = valid.clone();
+                for _ in 0..rng.usize(1..4) {
+                    let i = rng.usize(..v.len());
+                    v[i] = rng.u8(..);
+                }
+                v
+            };
+            let theirs = loona_hpack::Decoder::new().decode(&block).ok();
+            let mut plain = Vec::new();
+            let ours = unhuffman(&block, &mut plain)
+                .and_then(|()| loona_hpack::Decoder::new().decode(&plain).ok());
+            assert_eq!(ours, theirs, "block {block:02x?}");
+        }
     }
 
     #[tokio::test]
