@@ -43,6 +43,7 @@
 //! connection with `io::ErrorKind::InvalidData`.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -64,6 +65,8 @@ const HEADER_TABLE_SIZE: usize = 4096;
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER: usize = 9;
 const READ_CHUNK: usize = 16 * 1024;
+/// Buffers larger than this are freed rather than kept once empty.
+const IDLE_BUFFER: usize = 1024;
 const HEADERS: u8 = 0x1;
 const CONTINUATION: u8 = 0x9;
 const END_HEADERS: u8 = 0x4;
@@ -412,6 +415,17 @@ fn copy_string(block: &[u8], at: usize, out: &mut Vec<u8>) -> Option<usize> {
     Some(end)
 }
 
+/// Empties `v`, and frees it if it grew past [`IDLE_BUFFER`]: an idle
+/// connection (a workload holding its FetchX509SVID stream open) keeps no
+/// large buffer.
+fn release(v: &mut Vec<u8>) {
+    if v.capacity() > IDLE_BUFFER {
+        *v = Vec::new();
+    } else {
+        v.clear();
+    }
+}
+
 /// Parses the payload of a HEADERS frame: strips padding, keeps priority.
 fn start_block(flags: u8, stream: [u8; 4], payload: &[u8]) -> io::Result<Block> {
     let mut rest = payload;
@@ -463,7 +477,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRewrite<S> {
                 buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
                 this.out_pos += n;
                 if this.out_pos == this.out.len() {
-                    this.out.clear();
+                    release(&mut this.out);
                     this.out_pos = 0;
                 }
                 return Poll::Ready(Ok(()));
@@ -485,7 +499,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRewrite<S> {
                 return Poll::Ready(Ok(()));
             }
             // Drop what was processed; what remains is an incomplete frame.
-            this.raw.drain(..this.raw_pos);
+            if this.raw_pos == this.raw.len() {
+                release(&mut this.raw);
+            } else {
+                this.raw.drain(..this.raw_pos);
+            }
             this.raw_pos = 0;
 
             let opaque = matches!(this.phase, Phase::Opaque);
@@ -505,14 +523,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRewrite<S> {
                 return Poll::Ready(Ok(()));
             }
 
-            let start = this.raw.len();
-            this.raw.resize(start + READ_CHUNK, 0);
-            let mut rb = ReadBuf::new(&mut this.raw[start..]);
+            // Read on the stack and keep only what arrived, so `raw` stays
+            // the size of what is pending rather than of the read.
+            let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut rb = ReadBuf::uninit(&mut chunk);
             let res = Pin::new(&mut this.inner).poll_read(cx, &mut rb);
-            let got = rb.filled().len();
-            this.raw.truncate(start + got);
+            this.raw.extend_from_slice(rb.filled());
             ready!(res)?;
-            this.eof = got == 0;
+            this.eof = rb.filled().is_empty();
         }
     }
 }
