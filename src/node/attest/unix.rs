@@ -63,52 +63,73 @@ impl UnixAttestor {
         self.proc_root.join(pid.to_string()).join(what)
     }
 
-    /// Opens the executable and returns its cache key, and the cached digest if known.
-    fn exe_lookup(&self, pid: i32) -> Result<(File, FileKey, Option<String>), AttestError> {
-        let path = self.proc_path(pid, "exe");
+    fn digest_of(&self, key: &FileKey) -> Option<String> {
+        self.inner
+            .digests
+            .lock()
+            .expect("digest cache")
+            .get(key)
+            .cloned()
+    }
+
+    /// The supplementary groups of the peer, from the `Groups:` line of
+    /// `/proc/<pid>/status`.
+    fn supplementary_gids(&self, pid: i32) -> Result<Vec<u32>, AttestError> {
+        let path = self.proc_path(pid, "status");
         let err = |source| AttestError::Proc {
             path: path.display().to_string(),
             source,
         };
-        // Opening /proc/<pid>/exe opens the very file the process runs, even if it was
-        // replaced or deleted on disk since.
-        let file = File::open(&path).map_err(err)?;
-        let meta = file.metadata().map_err(err)?;
-        let key = FileKey {
+        // One read gets the whole file unless the group list is very long: no size probe,
+        // no read to EOF.
+        let mut file = File::open(&path).map_err(err)?;
+        let mut buf = [0u8; 4096];
+        let n = file.read(&mut buf).map_err(err)?;
+        let text = match groups_line(&buf[..n]) {
+            Some(line) => line,
+            None if n < buf.len() => b"",
+            None => {
+                let mut rest = buf[..n].to_vec();
+                file.read_to_end(&mut rest).map_err(err)?;
+                return parse_groups(groups_line(&rest).unwrap_or(b""), &path);
+            }
+        };
+        parse_groups(text, &path)
+    }
+}
+
+/// The rest of the complete `Groups:` line in `status`, if it is there.
+fn groups_line(status: &[u8]) -> Option<&[u8]> {
+    let start = if status.starts_with(b"Groups:") {
+        0
+    } else {
+        status.windows(8).position(|w| w == b"\nGroups:")? + 1
+    };
+    let line = &status[start + b"Groups:".len()..];
+    let end = line.iter().position(|&b| b == b'\n')?;
+    Some(&line[..end])
+}
+
+fn parse_groups(line: &[u8], path: &std::path::Path) -> Result<Vec<u32>, AttestError> {
+    let malformed = |detail: String| AttestError::Malformed {
+        path: path.display().to_string(),
+        detail,
+    };
+    let line = std::str::from_utf8(line).map_err(|e| malformed(e.to_string()))?;
+    line.split_whitespace()
+        .map(|g| g.parse().map_err(|_| malformed(format!("group {g:?}"))))
+        .collect()
+}
+
+impl FileKey {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.size(),
             mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
             ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
-        };
-        let cached = self
-            .inner
-            .digests
-            .lock()
-            .expect("digest cache")
-            .get(&key)
-            .cloned();
-        Ok((file, key, cached))
-    }
-
-    fn supplementary_gids(&self, pid: i32) -> Result<Vec<u32>, AttestError> {
-        let path = self.proc_path(pid, "status");
-        let text = std::fs::read_to_string(&path).map_err(|source| AttestError::Proc {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let line = text
-            .lines()
-            .find_map(|l| l.strip_prefix("Groups:"))
-            .unwrap_or("");
-        line.split_whitespace()
-            .map(|g| {
-                g.parse().map_err(|_| AttestError::Malformed {
-                    path: path.display().to_string(),
-                    detail: format!("group {g:?}"),
-                })
-            })
-            .collect()
+        }
     }
 }
 
@@ -123,10 +144,20 @@ impl WorkloadAttestor for UnixAttestor {
             path: exe.display().to_string(),
             source,
         })?;
-        let (file, key, cached) = self.exe_lookup(pid)?;
-        let sha256 = match cached {
+        let exe_err = |source| AttestError::Proc {
+            path: exe.display().to_string(),
+            source,
+        };
+        // /proc/<pid>/exe leads to the very file the process runs, even if it was replaced
+        // or deleted on disk since. Its metadata is the digest cache key; the file is opened
+        // only to hash it.
+        let key = FileKey::of(&std::fs::metadata(&exe).map_err(exe_err)?);
+        let sha256 = match self.digest_of(&key) {
             Some(d) => d,
             None => {
+                let file = File::open(&exe).map_err(exe_err)?;
+                // Keyed by what was opened, in case the process exec'd since the stat.
+                let key = FileKey::of(&file.metadata().map_err(exe_err)?);
                 let inner = self.inner.clone();
                 let name = exe.display().to_string();
                 tokio::task::spawn_blocking(move || inner.hash(file, key, &name))
@@ -191,4 +222,46 @@ pub fn user_name(uid: u32) -> Option<String> {
     // SAFETY: on success pw_name points to a NUL-terminated string inside `buf`.
     let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
     name.to_str().ok().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_line_is_found_only_when_complete() {
+        let status = b"Name:\tx\nUid:\t0\t0\t0\t0\nGroups:\t4 27 1000 \nNSgid:\t0\n";
+        assert_eq!(groups_line(status), Some(&b"\t4 27 1000 "[..]));
+        assert_eq!(groups_line(&status[..30]), None, "cut inside the line");
+        assert_eq!(groups_line(b"Name:\tx\n"), None);
+        let path = std::path::Path::new("/proc/1/status");
+        assert_eq!(parse_groups(b"\t4 27 1000 ", path).unwrap(), [4, 27, 1000]);
+        assert!(parse_groups(b"\t", path).unwrap().is_empty());
+        assert!(matches!(
+            parse_groups(b"\t4 x", path),
+            Err(AttestError::Malformed { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn attests_this_process() {
+        let attestor = UnixAttestor::new();
+        let peer = PeerInfo::current_process();
+        let exe = std::env::current_exe().unwrap();
+        let expected_sha = crate::crypto::keys::sha256_hex(&std::fs::read(&exe).unwrap());
+        let mut groups = vec![0 as libc::gid_t; 4096];
+        // SAFETY: getgroups writes at most `groups.len()` entries.
+        let n = unsafe { libc::getgroups(groups.len() as i32, groups.as_mut_ptr()) };
+        groups.truncate(n.max(0) as usize);
+        // First call hashes the executable, the second one finds the digest cached.
+        for _ in 0..2 {
+            let facts = attestor.attest(&peer).await.unwrap();
+            let unix = facts.unix.unwrap();
+            assert_eq!((unix.uid, unix.gid), (peer.uid, peer.gid));
+            assert_eq!(unix.path.as_deref(), exe.to_str());
+            assert_eq!(unix.sha256.as_deref(), Some(expected_sha.as_str()));
+            assert_eq!(unix.supplementary_gids, groups);
+            assert_eq!(unix.user_name, None, "looked up on demand");
+        }
+    }
 }
