@@ -261,7 +261,7 @@ mod tests {
             assert_eq!(unix.path.as_deref(), exe.to_str());
             assert_eq!(unix.sha256.as_deref(), Some(expected_sha.as_str()));
             assert_eq!(unix.supplementary_gids, groups);
-            assert_eq!(unix.user_name, None, "looked up on demand");
+            assert_eq!(unix.user_name, user_name(peer.uid));
         }
     }
 }
