@@ -383,22 +383,11 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        const METHOD: &str = "FetchX509Bundles";
-        let start = Instant::now();
-        let result = async {
-            let peer = peer_of(&req)?;
-            self.resolve_entitled(&peer, METHOD).await?;
-            Ok(peer)
-        }
-        .await;
-        self.observe(METHOD, start, &result);
-        let peer = result?;
-        Ok(Response::new(bundle_stream(self, peer, METHOD, |b| {
-            pb::X509BundlesResponse {
-                crl: Vec::new(),
-                bundles: x509_bundles(b),
-            }
-        })))
+        self.open_bundle_stream(&req, "FetchX509Bundles", |b| pb::X509BundlesResponse {
+            crl: Vec::new(),
+            bundles: x509_bundles(b),
+        })
+        .await
     }
 
     async fn fetch_jwtsvid(
@@ -416,21 +405,10 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        const METHOD: &str = "FetchJWTBundles";
-        let start = Instant::now();
-        let result = async {
-            let peer = peer_of(&req)?;
-            self.resolve_entitled(&peer, METHOD).await?;
-            Ok(peer)
-        }
-        .await;
-        self.observe(METHOD, start, &result);
-        let peer = result?;
-        Ok(Response::new(bundle_stream(self, peer, METHOD, |b| {
-            pb::JwtBundlesResponse {
-                bundles: jwt_bundles(b),
-            }
-        })))
+        self.open_bundle_stream(&req, "FetchJWTBundles", |b| pb::JwtBundlesResponse {
+            bundles: jwt_bundles(b),
+        })
+        .await
     }
 
     async fn validate_jwtsvid(
@@ -464,6 +442,27 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
 }
 
 impl WorkloadApi {
+    /// The bundle RPCs: an entitled caller gets a stream of `build(bundles)` messages.
+    async fn open_bundle_stream<R, T>(
+        &self,
+        req: &Request<R>,
+        method: &'static str,
+        build: fn(&TrustBundles) -> T,
+    ) -> Result<Response<StreamOf<T>>, Status>
+    where
+        T: PartialEq + Clone + Send + 'static,
+    {
+        let start = Instant::now();
+        let result = async {
+            let peer = peer_of(req)?;
+            self.resolve_entitled(&peer, method).await?;
+            Ok(peer)
+        }
+        .await;
+        self.observe(method, start, &result);
+        Ok(Response::new(bundle_stream(self, result?, method, build)))
+    }
+
     async fn fetch_jwt(
         &self,
         req: &Request<pb::JwtsvidRequest>,
