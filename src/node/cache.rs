@@ -156,11 +156,12 @@ impl SvidCache {
         self.inner.generation.subscribe()
     }
 
-    /// The SVID for `key`, issuing it if there is none or the cached one has expired.
+    /// The SVID for `key`, issuing it if there is none or the cached one has expired. `ctx`
+    /// (who asked, for the audit record) is called only when an SVID is issued.
     pub async fn x509(
         &self,
         key: &SvidKey,
-        ctx: &IssueContext,
+        ctx: impl FnOnce() -> IssueContext,
     ) -> Result<Arc<X509Svid>, IssueError> {
         if let Some(svid) = self.cached(key) {
             return Ok(svid);
@@ -170,7 +171,8 @@ impl SvidCache {
         if let Some(svid) = self.cached(key) {
             return Ok(svid);
         }
-        let svid = self.inner.issue(key, ctx, Action::Issued).await?;
+        let ctx = ctx();
+        let svid = self.inner.issue(key, &ctx, Action::Issued).await?;
         let mut slots = self.inner.slots.lock().expect("slots");
         let holders = slots.get(key).map_or(0, |s| s.holders);
         slots.insert(
@@ -181,7 +183,7 @@ impl SvidCache {
                 used_since_issue: false,
                 holders,
                 backoff: BACKOFF_MIN,
-                context: ctx.clone(),
+                context: ctx,
             },
         );
         drop(slots);
@@ -215,8 +217,13 @@ impl SvidCache {
         }
     }
 
-    /// A JWT-SVID for `req`, reused until half its lifetime has passed.
-    pub async fn jwt(&self, req: JwtRequest, ctx: &IssueContext) -> Result<String, IssueError> {
+    /// A JWT-SVID for `req`, reused until half its lifetime has passed. `ctx` is called only
+    /// when a token is signed.
+    pub async fn jwt(
+        &self,
+        req: JwtRequest,
+        ctx: impl FnOnce() -> IssueContext,
+    ) -> Result<String, IssueError> {
         let claims = serde_json::to_string(&req.claims).unwrap_or_default();
         let key = (req.spiffe_id.clone(), req.audience.clone(), req.ttl, claims);
         let now = Instant::now();
@@ -243,7 +250,7 @@ impl SvidCache {
             Credential::new(CredentialKind::JwtSvid)
                 .aud(aud)
                 .not_after((SystemTime::now() + ttl).into()),
-            ctx,
+            &ctx(),
         );
         let mut jwts = self.inner.jwts.lock().expect("jwts");
         if jwts.len() >= JWT_CACHE_MAX {
@@ -540,9 +547,9 @@ mod tests {
         let ctx = IssueContext::default();
         let mut generation = cache.subscribe();
 
-        let first = cache.x509(&key, &ctx).await.unwrap();
+        let first = cache.x509(&key, || ctx.clone()).await.unwrap();
         assert_eq!(
-            cache.x509(&key, &ctx).await.unwrap().serial,
+            cache.x509(&key, || ctx.clone()).await.unwrap().serial,
             first.serial,
             "served from memory"
         );
@@ -564,7 +571,7 @@ mod tests {
             "renewed by 60% of the lifetime"
         );
         generation.mark_unchanged();
-        let second = cache.x509(&key, &ctx).await.unwrap();
+        let second = cache.x509(&key, || ctx.clone()).await.unwrap();
         assert_ne!(second.serial, first.serial);
         assert_eq!(issuer.calls.load(Ordering::SeqCst), 2);
 
@@ -584,7 +591,7 @@ mod tests {
     async fn a_held_svid_is_renewed_without_fetches() {
         let dir = tempfile::tempdir().unwrap();
         let (issuer, cache, key, _) = setup(dir.path());
-        let first = cache.x509(&key, &IssueContext::default()).await.unwrap();
+        let first = cache.x509(&key, IssueContext::default).await.unwrap();
         let hold = cache.hold(vec![key.clone()]);
         for round in 2..=4 {
             tokio::time::advance(Duration::from_secs(61)).await;
@@ -597,7 +604,7 @@ mod tests {
         }
         assert_ne!(
             cache
-                .x509(&key, &IssueContext::default())
+                .x509(&key, IssueContext::default)
                 .await
                 .unwrap()
                 .serial,
@@ -617,7 +624,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (issuer, cache, key, metrics) = setup(dir.path());
         let ctx = IssueContext::default();
-        let first = cache.x509(&key, &ctx).await.unwrap();
+        let first = cache.x509(&key, || ctx.clone()).await.unwrap();
         let _hold = cache.hold(vec![key.clone()]);
 
         issuer.fail.store(true, Ordering::SeqCst);
@@ -626,7 +633,7 @@ mod tests {
         assert_eq!(issuer.calls.load(Ordering::SeqCst), 2, "renewal attempted");
         assert_eq!(metrics.renewal_failures.get(), 1);
         assert_eq!(
-            cache.x509(&key, &ctx).await.unwrap().serial,
+            cache.x509(&key, || ctx.clone()).await.unwrap().serial,
             first.serial,
             "still-valid SVID kept"
         );
@@ -648,7 +655,7 @@ mod tests {
         settle().await;
         assert_eq!(issuer.calls.load(Ordering::SeqCst), 4);
         assert_ne!(
-            cache.x509(&key, &ctx).await.unwrap().serial,
+            cache.x509(&key, || ctx.clone()).await.unwrap().serial,
             first.serial,
             "renewed once the issuer is back"
         );
@@ -687,10 +694,7 @@ mod tests {
             ttl: Duration::from_secs(60),
             extensions: vec![],
         };
-        let err = cache
-            .x509(&key, &IssueContext::default())
-            .await
-            .unwrap_err();
+        let err = cache.x509(&key, IssueContext::default).await.unwrap_err();
         assert!(err.0.contains("another identity or key"), "{err}");
     }
 }

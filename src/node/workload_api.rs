@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::attest::WorkloadAttestor;
+use super::attest::{WorkloadAttestor, resolve_user_name};
 use super::cache::{IssueContext, SvidCache, SvidKey};
 use super::issuer::{JwtRequest, TrustBundles};
 use super::peer::PeerInfo;
@@ -66,15 +66,23 @@ struct Caller {
 }
 
 impl Caller {
+    /// Who asked, for the audit record of an issuance (built only when one is written).
     fn context(&self, e: &Entitlement) -> IssueContext {
         IssueContext {
             pid: Some(self.peer.pid as u32),
             uid: Some(self.peer.uid),
             gid: Some(self.peer.gid),
-            selectors: self.facts.selectors(),
+            selectors: audit_selectors(&self.facts),
             policy: e.policy.to_string(),
         }
     }
+}
+
+/// The facts as selectors for an audit record, user name included.
+fn audit_selectors(facts: &WorkloadFacts) -> Vec<String> {
+    let mut facts = facts.clone();
+    resolve_user_name(&mut facts);
+    facts.selectors()
 }
 
 type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -110,7 +118,7 @@ impl WorkloadApi {
     /// Attests the caller and evaluates the policies. Attestation failure is `Unavailable`
     /// (clients retry); no entitlement is `PermissionDenied` with the standard message.
     async fn resolve(&self, peer: &PeerInfo, method: &'static str) -> Result<Caller, Status> {
-        let facts = match self.attestor.attest(peer).await {
+        let mut facts = match self.attestor.attest(peer).await {
             Ok(f) => f,
             Err(e) => {
                 self.deny(
@@ -125,6 +133,9 @@ impl WorkloadApi {
             }
         };
         let policies = self.policies.borrow().clone();
+        if policies.needs_user_name() {
+            resolve_user_name(&mut facts);
+        }
         let (entitlements, errors) = policies.entitlements(&self.td, &facts);
         for (policy, e) in errors {
             tracing::warn!(%policy, pid = peer.pid, error = %e, "policy matched but its SPIFFE ID template failed for this caller");
@@ -164,7 +175,7 @@ impl WorkloadApi {
         let event = AuditEvent::new(Action::Denied, format!("pid:{}", peer.pid))
             .decision(Decision::deny(format!("{method}: {reason}")))
             .attestation(Attestation {
-                selectors: facts.selectors(),
+                selectors: audit_selectors(facts),
                 node: None,
             })
             .requester(peer.requester());
@@ -203,7 +214,7 @@ impl WorkloadApi {
                 ttl: e.x509_ttl,
                 extensions: Vec::new(),
             };
-            match self.cache.x509(&key, &caller.context(e)).await {
+            match self.cache.x509(&key, || caller.context(e)).await {
                 Ok(svid) => svids.push((
                     key,
                     pb::X509svid {
@@ -506,7 +517,7 @@ impl WorkloadApi {
             };
             let token = self
                 .cache
-                .jwt(jr, &caller.context(e))
+                .jwt(jr, || caller.context(e))
                 .await
                 .map_err(|err| Status::unavailable(format!("JWT-SVID issuance failed: {err}")))?;
             svids.push(pb::Jwtsvid {

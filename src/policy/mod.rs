@@ -70,6 +70,11 @@ impl PolicySet {
         &self.policies
     }
 
+    /// Whether matching needs the caller's user name (some template uses `{{ .UserName }}`).
+    pub fn needs_user_name(&self) -> bool {
+        self.policies.iter().any(|p| p.spiffe_id.uses("UserName"))
+    }
+
     /// The identities a workload with `facts` is entitled to, first = default identity.
     ///
     /// Later duplicates of a SPIFFE ID or a hint are dropped so hints stay unique in a response
@@ -202,6 +207,10 @@ spec:
         );
         assert_eq!(ents[0].hint, "b");
         assert!(set.entitlements(&td, &facts(1001)).0.is_empty());
+        assert!(!set.needs_user_name());
+        let named = "apiVersion: agentid.dev/v1alpha1\nkind: AgentIdentity\nmetadata: {name: n}\nspec:\n  spiffeID: \"spiffe://{{ .TrustDomain }}/u/{{ .UserName }}\"\n  selector: {unix: {uid: 1000}}\n";
+        let named = PolicySet::new(parse_documents("n.yaml", named, &td).unwrap());
+        assert!(named.needs_user_name());
     }
 
     #[test]
@@ -210,6 +219,10 @@ spec:
         let set = PolicySet::default_for_user(1000, "ada");
         let (ents, _) = set.entitlements(&td, &facts(1000));
         assert_eq!(ents[0].spiffe_id.to_string(), "spiffe://td/user/ada");
+        assert!(
+            !set.needs_user_name(),
+            "the name is written into the template"
+        );
         let odd = PolicySet::default_for_user(7, "a@b");
         assert_eq!(
             odd.entitlements(&td, &facts(7)).0[0].spiffe_id.to_string(),

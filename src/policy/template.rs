@@ -80,6 +80,13 @@ impl Template {
         })
     }
 
+    /// Whether the template contains the placeholder `{{ .<name> }}`.
+    pub fn uses(&self, name: &str) -> bool {
+        self.pieces
+            .iter()
+            .any(|p| matches!(p, Piece::Var(v) if *v == name))
+    }
+
     /// The text as written.
     pub fn source(&self) -> &str {
         &self.source
@@ -149,6 +156,7 @@ mod tests {
             t.check(&td, "web").unwrap().to_string(),
             "spiffe://td/p/web/u/1000"
         );
+        assert!(t.uses("UID") && !t.uses("UserName"));
     }
 
     #[test]

@@ -4,7 +4,7 @@ pub mod cgroup_fs;
 pub mod rootfs;
 mod unix;
 
-pub use unix::user_name;
+pub use unix::{resolve_user_name, user_name};
 
 pub use unix::UnixAttestor;
 

@@ -1,5 +1,5 @@
-//! Unix process attestation from `/proc`: uid, gid, supplementary groups, user name,
-//! executable path and SHA-256.
+//! Unix process attestation from `/proc`: uid, gid, supplementary groups, executable path
+//! and SHA-256; the user name on demand (`resolve_user_name`), since it follows from the uid.
 //!
 //! Pid reuse: every read goes through `/proc/<pid>`, and the pid could in principle be
 //! recycled if the caller exits mid-attestation. The peer's pidfd (taken from the socket with
@@ -177,7 +177,9 @@ impl WorkloadAttestor for UnixAttestor {
                 uid: peer.uid,
                 gid: peer.gid,
                 supplementary_gids,
-                user_name: user_name(peer.uid),
+                // Looked up only when needed (`resolve_user_name`): it depends on the
+                // uid alone, and the passwd lookup costs more than everything above.
+                user_name: None,
                 path: Some(path.display().to_string()),
                 sha256: Some(sha256),
             }),
@@ -206,6 +208,14 @@ impl Inner {
         }
         cache.insert(key, d.clone());
         Ok(d)
+    }
+}
+
+/// Fills in the user name of a Unix caller if it is not known yet: the attestor leaves it
+/// out, and it is looked up only for policies that render it and for audit records.
+pub fn resolve_user_name(facts: &mut WorkloadFacts) {
+    if let Some(u) = facts.unix.as_mut().filter(|u| u.user_name.is_none()) {
+        u.user_name = user_name(u.uid);
     }
 }
 
