@@ -9,15 +9,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use prost_types::value::Kind;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::attest::{WorkloadAttestor, resolve_user_name};
-use super::cache::{IssueContext, SvidCache, SvidKey};
+use super::cache::{Hold, IssueContext, SvidCache, SvidKey};
 use super::issuer::{JwtRequest, TrustBundles};
 use super::peer::PeerInfo;
 use crate::api::workload as pb;
@@ -325,7 +324,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let start = Instant::now();
         // Watch for changes before reading the state the first message is built from, so a
         // change that lands while it is being built still wakes the stream.
-        let mut generation = self.cache.subscribe();
+        let generation = self.cache.subscribe();
         let mut policies = self.policies.clone();
         let mut bundles = self.bundles.clone();
         policies.mark_unchanged();
@@ -340,54 +339,56 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         self.observe(METHOD, start, &result);
         let (peer, first, keys) = result?;
 
-        let (tx, rx) = mpsc::channel(2);
-        let api = self.clone();
-        tokio::spawn(async move {
-            let _guard = StreamGuard::new(&api.metrics);
+        // The stream is polled by the connection that carries it, like any response body: no
+        // task or channel per stream. It ends when the client goes away (the body is dropped),
+        // at shutdown, or with the status that withdrew the identity.
+        let watch = X509Watch {
+            _guard: StreamGuard::new(&self.metrics),
             // While the stream is open its SVIDs are renewed even if nothing else fetches them.
-            let mut _hold = api.cache.hold(keys);
-            let mut last = first.clone();
-            if tx.send(Ok(first)).await.is_err() {
-                return;
-            }
+            hold: self.cache.hold(keys),
+            generation,
+            policies,
+            bundles,
+            api: self.clone(),
+            peer,
+            last: first.clone(),
+        };
+        let updates = futures::stream::unfold(Some(watch), |watch| async move {
+            let mut w = watch?;
             loop {
                 // Every wake-up re-attests and re-evaluates: rotation, bundle and policy
                 // changes all lead to a full-state message if anything differs.
                 tokio::select! {
-                    _ = tx.closed() => return,
-                    _ = api.shutdown.cancelled() => return,
-                    r = generation.changed() => if r.is_err() { return },
-                    r = policies.changed() => if r.is_err() { return },
-                    r = bundles.changed() => if r.is_err() { return },
+                    _ = w.api.shutdown.cancelled() => return None,
+                    r = w.generation.changed() => r.ok()?,
+                    r = w.policies.changed() => r.ok()?,
+                    r = w.bundles.changed() => r.ok()?,
                 }
-                let next = match api.resolve_entitled(&peer, METHOD).await {
-                    Ok(caller) => api.x509_response(&caller).await,
+                let next = match w.api.resolve_entitled(&w.peer, METHOD).await {
+                    Ok(caller) => w.api.x509_response(&caller).await,
                     Err(status) => Err(status),
                 };
                 match next {
                     Ok((msg, keys)) => {
-                        _hold = api.cache.hold(keys);
-                        if msg == last {
-                            continue;
-                        }
-                        last = msg.clone();
-                        if tx.send(Ok(msg)).await.is_err() {
-                            return;
+                        w.hold = w.api.cache.hold(keys);
+                        if msg != w.last {
+                            w.last = msg.clone();
+                            return Some((Ok(msg), Some(w)));
                         }
                     }
                     Err(status) => {
                         // Withdrawn (no identity left) or unattestable: end the stream with
                         // the reason; clients reconnect and are told again.
                         if status.code() == tonic::Code::PermissionDenied {
-                            api.audit_withdrawn(&peer, &last);
+                            w.api.audit_withdrawn(&w.peer, &w.last);
                         }
-                        let _ = tx.send(Err(status)).await;
-                        return;
+                        return Some((Err(status), None));
                     }
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let first = futures::stream::once(async move { Ok(first) });
+        Ok(Response::new(Box::pin(first.chain(updates))))
     }
 
     async fn fetch_x509_bundles(
@@ -579,44 +580,66 @@ fn bundle_stream<T>(
 where
     T: PartialEq + Clone + Send + 'static,
 {
-    let (tx, rx) = mpsc::channel(2);
-    let api = api.clone();
-    tokio::spawn(async move {
-        let _guard = StreamGuard::new(&api.metrics);
-        let mut bundles = api.bundles.clone();
-        let mut policies = api.policies.clone();
-        policies.mark_unchanged();
-        let mut last = build(&bundles.borrow_and_update());
-        if tx.send(Ok(last.clone())).await.is_err() {
-            return;
-        }
+    let mut bundles = api.bundles.clone();
+    let mut policies = api.policies.clone();
+    policies.mark_unchanged();
+    let first = build(&bundles.borrow_and_update());
+    let watch = BundleWatch {
+        _guard: StreamGuard::new(&api.metrics),
+        api: api.clone(),
+        peer,
+        bundles,
+        policies,
+        last: first.clone(),
+    };
+    let updates = futures::stream::unfold(Some(watch), move |watch| async move {
+        let mut w = watch?;
         loop {
             tokio::select! {
-                _ = tx.closed() => return,
-                _ = api.shutdown.cancelled() => return,
-                r = bundles.changed() => if r.is_err() { return },
-                r = policies.changed() => {
-                    if r.is_err() { return }
-                    policies.mark_unchanged();
+                _ = w.api.shutdown.cancelled() => return None,
+                r = w.bundles.changed() => r.ok()?,
+                r = w.policies.changed() => {
+                    r.ok()?;
+                    w.policies.mark_unchanged();
                     // Bundles are for callers with an identity (XB-02, JB-04): a caller whose
                     // last identity was withdrawn is told so, as on FetchX509SVID.
-                    if let Err(status) = api.resolve_entitled(&peer, method).await {
-                        let _ = tx.send(Err(status)).await;
-                        return;
+                    if let Err(status) = w.api.resolve_entitled(&w.peer, method).await {
+                        return Some((Err(status), None));
                     }
                     continue;
                 }
             }
-            let msg = build(&bundles.borrow_and_update());
-            if msg != last {
-                last = msg.clone();
-                if tx.send(Ok(msg)).await.is_err() {
-                    return;
-                }
+            let msg = build(&w.bundles.borrow_and_update());
+            if msg != w.last {
+                w.last = msg.clone();
+                return Some((Ok(msg), Some(w)));
             }
         }
     });
-    Box::pin(ReceiverStream::new(rx))
+    let first = futures::stream::once(async move { Ok(first) });
+    Box::pin(first.chain(updates))
+}
+
+/// What an open FetchX509SVID stream keeps between messages.
+struct X509Watch {
+    _guard: StreamGuard,
+    hold: Hold,
+    generation: watch::Receiver<u64>,
+    policies: watch::Receiver<Arc<PolicySet>>,
+    bundles: watch::Receiver<Arc<TrustBundles>>,
+    api: WorkloadApi,
+    peer: PeerInfo,
+    last: pb::X509svidResponse,
+}
+
+/// What an open bundle stream keeps between messages.
+struct BundleWatch<T> {
+    _guard: StreamGuard,
+    api: WorkloadApi,
+    peer: PeerInfo,
+    bundles: watch::Receiver<Arc<TrustBundles>>,
+    policies: watch::Receiver<Arc<PolicySet>>,
+    last: T,
 }
 
 fn to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {

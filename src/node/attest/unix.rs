@@ -271,7 +271,11 @@ mod tests {
             assert_eq!(unix.path.as_deref(), exe.to_str());
             assert_eq!(unix.sha256.as_deref(), Some(expected_sha.as_str()));
             assert_eq!(unix.supplementary_gids, groups);
-            assert_eq!(unix.user_name, user_name(peer.uid));
+            // Left for `resolve_user_name`, which fills it in from the uid.
+            assert_eq!(unix.user_name, None);
+            let mut facts = crate::policy::WorkloadFacts { unix: Some(unix) };
+            resolve_user_name(&mut facts);
+            assert_eq!(facts.unix.unwrap().user_name, user_name(peer.uid));
         }
     }
 }
