@@ -8,7 +8,7 @@ use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
 use serde::Serialize;
 
-use crate::crypto::PrivateKey;
+use crate::crypto::WorkloadKey;
 use crate::server::{Authority, AuthorityConfig};
 use crate::spiffe::SpiffeId;
 
@@ -48,9 +48,9 @@ pub fn measure(
         })?;
         issued += count_for(window, || {
             // What the node daemon does for a new SVID: a fresh key, signed by the authority.
-            let key = PrivateKey::generate()?;
-            let chain = authority.sign_x509_svid(id, &key.spki_der(), ttl, &[])?;
-            std::hint::black_box((chain, key.pkcs8_der()));
+            let key = WorkloadKey::generate()?;
+            let chain = authority.sign_x509_svid(id, key.spki_der(), ttl, &[])?;
+            std::hint::black_box((chain, key.into_pkcs8_der()));
             Ok(())
         })?;
     }

@@ -5,4 +5,4 @@ pub mod jwt;
 pub mod keys;
 pub mod x509;
 
-pub use keys::{KeyError, PrivateKey, sha256_hex};
+pub use keys::{KeyError, PrivateKey, WorkloadKey, sha256_hex};

@@ -21,7 +21,7 @@ use crate::audit::{
     Action, Attestation, AuditEvent, AuditLog, Credential, CredentialKind, Decision, Identity,
     Requester,
 };
-use crate::crypto::PrivateKey;
+use crate::crypto::WorkloadKey;
 use crate::crypto::x509::{CertInfo, Extension};
 use crate::metrics::{IdLabels, KindLabels, NodeMetrics};
 use crate::spiffe::SpiffeId;
@@ -288,10 +288,10 @@ impl Inner {
         action: Action,
     ) -> Result<Arc<X509Svid>, IssueError> {
         // Workload keys are generated here, on the node, and never leave it except to the workload.
-        let private = PrivateKey::generate().map_err(|e| IssueError(e.to_string()))?;
+        let private = WorkloadKey::generate().map_err(|e| IssueError(e.to_string()))?;
         let req = X509Request {
             spiffe_id: key.spiffe_id.clone(),
-            spki_der: private.spki_der(),
+            spki_der: private.spki_der().to_vec(),
             ttl: key.ttl,
             extensions: key.extensions.clone(),
         };
@@ -310,7 +310,7 @@ impl Inner {
         }
         let svid = Arc::new(X509Svid {
             spiffe_id: key.spiffe_id.clone(),
-            key_pkcs8: private.pkcs8_der(),
+            key_pkcs8: private.into_pkcs8_der(),
             not_after: info.not_after,
             serial: info.serial_hex.clone(),
             chain,
