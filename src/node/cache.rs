@@ -668,7 +668,7 @@ mod tests {
         impl SvidIssuer for Liar {
             async fn sign_x509(&self, req: X509Request) -> Result<Vec<Vec<u8>>, IssueError> {
                 // Signs the right ID over a different key.
-                let other = PrivateKey::generate().unwrap();
+                let other = crate::crypto::PrivateKey::generate().unwrap();
                 self.0
                     .sign_x509_svid(&req.spiffe_id, &other.spki_der(), req.ttl, &[])
                     .map_err(|e| IssueError(e.to_string()))
