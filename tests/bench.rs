@@ -43,6 +43,7 @@ fn quick_bench_reports_every_figure_against_the_floor() {
     assert_eq!(report["rss"]["streams"], 20);
     assert!(report["rss"]["ratio"].as_f64().unwrap() > 0.0);
     assert!(report["issuance"]["issued_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(report["issuance"]["keyed_issued_per_sec"].as_f64().unwrap() > 0.0);
     assert!(report["issuance"]["raw_signs_per_sec"].as_f64().unwrap() > 0.0);
     // 3 figures per load level, plus memory and issuance.
     assert_eq!(report["targets"].as_array().unwrap().len(), 3 * 3 + 2);

@@ -393,10 +393,19 @@ pub fn render(r: &Report) -> String {
     head(&mut out, "X.509 issuance, 1 thread", "issuance", "raw sign");
     row(
         &mut out,
-        "keygen+sign / ECDSA sign",
+        "sign SVID / ECDSA sign",
         target("X.509 issuance / raw signing"),
         i.ratio,
         format!("{:.0}/s", i.issued_per_sec),
+        format!("{:.0}/s", i.raw_signs_per_sec),
+    );
+    // Not a target: a fresh key is a second scalar multiplication, so ~0.5 is its ceiling.
+    row(
+        &mut out,
+        "keygen+sign / ECDSA sign",
+        None,
+        i.keyed_ratio,
+        format!("{:.0}/s", i.keyed_issued_per_sec),
         format!("{:.0}/s", i.raw_signs_per_sec),
     );
     out.push('\n');

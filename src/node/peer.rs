@@ -11,6 +11,10 @@ pub struct PeerInfo {
     pub pid: i32,
     pub uid: u32,
     pub gid: u32,
+    /// Supplementary groups, from `SO_PEERGROUPS`: like uid and gid, what the kernel recorded
+    /// when the peer connected. `None` where the kernel cannot say (then the attestor reads
+    /// `/proc/<pid>/status`).
+    pub groups: Option<Arc<[u32]>>,
     /// A pidfd naming exactly the peer process, to detect that it exited (pid reuse guard).
     pidfd: Option<Arc<OwnedFd>>,
 }
@@ -36,6 +40,7 @@ impl PeerInfo {
             pid,
             uid: cred.uid(),
             gid: cred.gid(),
+            groups: peer_groups(stream.as_raw_fd()).map(Arc::from),
             pidfd,
         })
     }
@@ -49,6 +54,7 @@ impl PeerInfo {
             pid,
             uid,
             gid,
+            groups: own_groups().map(Arc::from),
             pidfd: pidfd_open(pid).map(Arc::new),
         }
     }
@@ -95,8 +101,62 @@ fn peer_pidfd(sock: i32) -> Option<OwnedFd> {
     (rc == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The peer's supplementary groups as of `connect()` (`SO_PEERGROUPS`, Linux 4.13+).
+fn peer_groups(sock: i32) -> Option<Vec<u32>> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `groups`.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock,
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(n);
+            return Some(groups);
+        }
+        // ERANGE: the buffer was too small and `len` says how much is needed.
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE) || n <= groups.len()
+        {
+            return None;
+        }
+        groups.resize(n, 0);
+    }
+}
+
+/// This process's supplementary groups.
+fn own_groups() -> Option<Vec<u32>> {
+    // SAFETY: with size 0, getgroups only returns the count.
+    let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+    let mut groups: Vec<libc::gid_t> = vec![0; usize::try_from(n).ok()?];
+    // SAFETY: getgroups writes at most `groups.len()` entries.
+    let n = unsafe { libc::getgroups(groups.len() as i32, groups.as_mut_ptr()) };
+    groups.truncate(usize::try_from(n).ok()?);
+    Some(groups)
+}
+
 fn pidfd_open(pid: i32) -> Option<OwnedFd> {
     // SAFETY: plain syscall; a non-negative result is a new fd we own.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_the_peer_groups_from_the_socket() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let peer = PeerInfo::from_stream(&a).unwrap();
+        assert_eq!(peer.pid, std::process::id() as i32);
+        assert_eq!(peer.groups, own_groups().map(Arc::from));
+        assert!(peer.is_alive());
+    }
 }

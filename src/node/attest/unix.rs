@@ -168,7 +168,10 @@ impl WorkloadAttestor for UnixAttestor {
                     })??
             }
         };
-        let supplementary_gids = self.supplementary_gids(pid)?;
+        let supplementary_gids = match &peer.groups {
+            Some(groups) => groups.to_vec(),
+            None => self.supplementary_gids(pid)?,
+        };
         if !peer.is_alive() {
             return Err(AttestError::Exited(pid));
         }
@@ -257,6 +260,19 @@ mod tests {
     async fn attests_this_process() {
         let attestor = UnixAttestor::new();
         let peer = PeerInfo::current_process();
+        // Without SO_PEERGROUPS the groups come from /proc/<pid>/status: the same answer.
+        let from_proc = {
+            let mut p = peer.clone();
+            p.groups = None;
+            attestor
+                .attest(&p)
+                .await
+                .unwrap()
+                .unix
+                .unwrap()
+                .supplementary_gids
+        };
+        assert!(peer.groups.is_some());
         let exe = std::env::current_exe().unwrap();
         let expected_sha = crate::crypto::keys::sha256_hex(&std::fs::read(&exe).unwrap());
         let mut groups = vec![0 as libc::gid_t; 4096];
@@ -271,6 +287,7 @@ mod tests {
             assert_eq!(unix.path.as_deref(), exe.to_str());
             assert_eq!(unix.sha256.as_deref(), Some(expected_sha.as_str()));
             assert_eq!(unix.supplementary_gids, groups);
+            assert_eq!(from_proc, groups);
             // Left for `resolve_user_name`, which fills it in from the uid.
             assert_eq!(unix.user_name, None);
             let mut facts = crate::policy::WorkloadFacts { unix: Some(unix) };
