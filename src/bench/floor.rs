@@ -168,6 +168,7 @@ pub fn default_identity() -> anyhow::Result<(SpiffeId, String)> {
             user_name: name,
             ..Default::default()
         }),
+        k8s: None,
     };
     let e = policies
         .entitlements(&td, &facts)

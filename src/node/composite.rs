@@ -133,6 +133,7 @@ mod tests {
                 sha256: Some(format!("sha256:{}", "a".repeat(64))),
                 ..Default::default()
             }),
+            k8s: None,
         }
     }
 

@@ -690,6 +690,7 @@ mod tests {
                     gid: 1000,
                     ..Default::default()
                 }),
+                k8s: None,
             })
         }
     }

@@ -1,9 +1,37 @@
 //! What attestation learned about a caller: the input to policy matching and templates.
 
+use std::collections::BTreeMap;
+
 /// Facts about one workload, each gathered outside the workload process.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkloadFacts {
     pub unix: Option<UnixFacts>,
+    /// Present when the caller runs in a Kubernetes pod known to the node's pod index.
+    pub k8s: Option<K8sFacts>,
+}
+
+/// Facts about a caller's pod and container, from the node's pod index (API server watch or
+/// kubelet), keyed by what the kernel says: the pod UID and container ID in its cgroup path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct K8sFacts {
+    /// The `--cluster-name` of this node daemon.
+    pub cluster: String,
+    pub node_name: String,
+    pub namespace: String,
+    /// Labels of the pod's namespace (for `namespaceSelector`); empty if unknown.
+    pub namespace_labels: BTreeMap<String, String>,
+    pub service_account: String,
+    pub pod_name: String,
+    pub pod_uid: String,
+    pub pod_labels: BTreeMap<String, String>,
+    pub pod_annotations: BTreeMap<String, String>,
+    pub container_name: String,
+    /// Container ID without the runtime prefix (`containerd://` etc.).
+    pub container_id: String,
+    /// The container's image as written in the pod spec.
+    pub image: String,
+    /// `sha256:<hex>` from the container status `imageID`, if it names a digest.
+    pub image_digest: Option<String>,
 }
 
 /// Facts the kernel reports about a local process.
@@ -40,6 +68,22 @@ impl WorkloadFacts {
             if let Some(h) = &u.sha256 {
                 out.push(format!("unix:sha256:{h}"));
             }
+        }
+        if let Some(k) = &self.k8s {
+            out.push(format!("k8s:ns:{}", k.namespace));
+            out.push(format!("k8s:sa:{}", k.service_account));
+            out.push(format!("k8s:pod-name:{}", k.pod_name));
+            out.push(format!("k8s:pod-uid:{}", k.pod_uid));
+            out.push(format!("k8s:node-name:{}", k.node_name));
+            out.push(format!("k8s:container-name:{}", k.container_name));
+            if let Some(d) = &k.image_digest {
+                out.push(format!("k8s:image-digest:{d}"));
+            }
+            out.extend(
+                k.pod_labels
+                    .iter()
+                    .map(|(k, v)| format!("k8s:pod-label:{k}:{v}")),
+            );
         }
         out
     }

@@ -6,7 +6,7 @@ mod load;
 mod schema;
 mod template;
 
-pub use facts::{UnixFacts, WorkloadFacts};
+pub use facts::{K8sFacts, UnixFacts, WorkloadFacts};
 pub use load::{PolicyError, load_paths, parse_documents};
 pub use schema::{
     AgentIdentity, Attested, CompositeSpec, Metadata, PinMismatch, Selector, Spec, UnixSelector,
@@ -165,6 +165,7 @@ mod tests {
                 path: Some("/bin/agent".into()),
                 sha256: Some("sha256:aa".into()),
             }),
+            k8s: None,
         }
     }
 

@@ -126,6 +126,7 @@ impl Template {
                 user_name: Some("user".into()),
                 ..Default::default()
             }),
+            k8s: None,
         };
         self.render_id(td, policy, &sample)
     }

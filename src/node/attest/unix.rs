@@ -186,6 +186,7 @@ impl WorkloadAttestor for UnixAttestor {
                 path: Some(path.display().to_string()),
                 sha256: Some(sha256),
             }),
+            k8s: None,
         })
     }
 }
@@ -290,7 +291,10 @@ mod tests {
             assert_eq!(from_proc, groups);
             // Left for `resolve_user_name`, which fills it in from the uid.
             assert_eq!(unix.user_name, None);
-            let mut facts = crate::policy::WorkloadFacts { unix: Some(unix) };
+            let mut facts = crate::policy::WorkloadFacts {
+                unix: Some(unix),
+                k8s: None,
+            };
             resolve_user_name(&mut facts);
             assert_eq!(facts.unix.unwrap().user_name, user_name(peer.uid));
         }
