@@ -7,10 +7,17 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::attest::rootfs::{self, RootfsError};
-use crate::composite::{self, Agent, CompositeError, CompositeIdentity, Model, Unix};
+use super::attest::rootfs::{DigestCache, RootfsError};
+use crate::composite::{self, Agent, CompositeError, CompositeIdentity, K8s, Model, Pod, Unix};
 use crate::crypto::x509::Extension;
-use crate::policy::{Attested, CompositeSpec, PinMismatch, WorkloadFacts};
+use crate::policy::{Attested, CompositeSpec, K8sFacts, PinMismatch, WorkloadFacts};
+
+/// Pod annotations that declare an agent (AGENT-IDENTITY.md §1).
+pub const ANNOTATION_MODEL: &str = "agentid.dev/model";
+pub const ANNOTATION_AGENT_NAME: &str = "agentid.dev/agent-name";
+pub const ANNOTATION_AGENT_VERSION: &str = "agentid.dev/agent-version";
+pub const ANNOTATION_CONFIG_FILES: &str = "agentid.dev/config-files";
+pub const ANNOTATION_TOOLS_FILES: &str = "agentid.dev/tools-files";
 
 /// Why no composite identity could be built for a caller.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +25,12 @@ pub enum ComposeError {
     /// A declared file cannot be hashed: an attestation failure naming the file.
     #[error("hashing {0}")]
     File(#[from] RootfsError),
+    /// A declaration (pod annotation or policy) is malformed.
+    #[error("{source_name}: {detail}")]
+    Declared {
+        source_name: &'static str,
+        detail: String,
+    },
     #[error("composite identity: {0}")]
     Invalid(#[from] CompositeError),
     /// The attested composite is not what the policy pins.
@@ -39,90 +52,202 @@ pub struct Composed {
     pub watched: Vec<PathBuf>,
 }
 
-/// Builds and pin-checks the composite identity of a local (unix-mode) process.
-///
-/// Blocking: reads files. Call it off the async executor's core threads.
-pub fn compose_unix(
-    pid: i32,
-    facts: &WorkloadFacts,
-    spec: &CompositeSpec,
-) -> Result<Composed, ComposeError> {
-    compose_unix_in(Path::new("/proc"), pid, facts, spec)
+/// Builds callers' composite identities, remembering the digests of unchanged files.
+#[derive(Debug)]
+pub struct Composer {
+    proc_root: PathBuf,
+    digests: DigestCache,
 }
 
-fn compose_unix_in(
-    proc_root: &Path,
-    pid: i32,
-    facts: &WorkloadFacts,
-    spec: &CompositeSpec,
-) -> Result<Composed, ComposeError> {
-    let unix = facts.unix.as_ref().ok_or(ComposeError::NoFacts)?;
-    let root = proc_root.join(pid.to_string()).join("root");
-    let mut watched = Vec::new();
-    let mut digest_of = |files: &[String]| -> Result<Option<String>, ComposeError> {
-        if files.is_empty() {
-            return Ok(None);
-        }
-        let mut entries = Vec::with_capacity(files.len());
-        for f in files {
-            entries.push((f.clone(), rootfs::digest_in_root(&root, Path::new(f))?));
-            watched.push(root.join(f.trim_start_matches('/')));
-        }
-        Ok(Some(composite::combine_file_digests(&entries)?))
-    };
-    let config_digest = digest_of(&spec.config_files)?;
-    let tools_digest = digest_of(&spec.tools_files)?;
-    let model = spec
-        .model
-        .as_deref()
-        .and_then(|m| m.split_once('/'))
-        .map(|(provider, id)| Model {
-            provider: provider.to_owned(),
-            id: id.to_owned(),
-        });
-    let identity = CompositeIdentity {
-        agent: spec.agent_name.clone().map(|name| Agent {
-            name,
-            version: spec.agent_version.clone(),
-        }),
-        model,
-        config_digest,
-        tools_digest,
-        unix: Some(Unix {
-            uid: unix.uid,
-            gid: unix.gid,
-            path: unix.path.clone().unwrap_or_default(),
-            sha256: unix.sha256.clone().unwrap_or_default(),
-        }),
-        ..CompositeIdentity::new()
-    };
-    identity.validate()?;
-    spec.check_pins(Attested {
-        model: spec.model.as_deref(),
-        config_digest: identity.config_digest.as_deref(),
-        tools_digest: identity.tools_digest.as_deref(),
-        image_digest: identity.image_digest.as_deref(),
-    })?;
-    Ok(finish(identity, watched))
-}
-
-fn finish(identity: CompositeIdentity, watched: Vec<PathBuf>) -> Composed {
-    let (name, value) = composite::to_jwt_claim(&identity);
-    let mut jwt_claims = Map::new();
-    jwt_claims.insert(name, value);
-    Composed {
-        cid: identity.cid(),
-        extensions: composite::to_extensions(&identity),
-        jwt_claims,
-        identity,
-        watched,
+impl Default for Composer {
+    fn default() -> Self {
+        Self::new()
     }
+}
+
+/// What declares the agent: pod annotations in Kubernetes, the policy in unix mode.
+struct Declared {
+    model: Option<String>,
+    agent_name: Option<String>,
+    agent_version: Option<String>,
+    config_files: Vec<String>,
+    tools_files: Vec<String>,
+}
+
+impl Composer {
+    pub fn new() -> Self {
+        Self::with_proc_root("/proc")
+    }
+
+    /// A composer reading processes under `proc_root` instead of `/proc` (tests).
+    pub fn with_proc_root(proc_root: impl Into<PathBuf>) -> Self {
+        Self {
+            proc_root: proc_root.into(),
+            digests: DigestCache::default(),
+        }
+    }
+
+    /// Forgets remembered digests: the next compositions re-hash every file (the periodic
+    /// safety net behind change notifications).
+    pub fn flush(&self) {
+        self.digests.clear();
+    }
+
+    /// The caller's composite identity under `spec`, pin-checked. `None` for a unix caller
+    /// whose policy declares no composite. A pod always has one (image and placement).
+    ///
+    /// Blocking: reads files. Call it off the async executor's core threads.
+    pub fn compose(
+        &self,
+        pid: i32,
+        facts: &WorkloadFacts,
+        spec: Option<&CompositeSpec>,
+    ) -> Result<Option<Composed>, ComposeError> {
+        let empty = CompositeSpec::default();
+        let root = self.proc_root.join(pid.to_string()).join("root");
+        if let Some(k8s) = &facts.k8s {
+            let spec = spec.unwrap_or(&empty);
+            let declared = declared_by_pod(k8s, spec)?;
+            let placement = K8s {
+                cluster: k8s.cluster.clone(),
+                namespace: k8s.namespace.clone(),
+                serviceaccount: k8s.service_account.clone(),
+                pod: Pod {
+                    name: k8s.pod_name.clone(),
+                    uid: k8s.pod_uid.clone(),
+                },
+                node: k8s.node_name.clone(),
+                container: Some(k8s.container_name.clone()).filter(|c| !c.is_empty()),
+            };
+            let base = CompositeIdentity {
+                image_digest: k8s.image_digest.clone(),
+                k8s: Some(placement),
+                ..CompositeIdentity::new()
+            };
+            return self.finish(&root, base, declared, spec).map(Some);
+        }
+        let Some(spec) = spec else {
+            return Ok(None);
+        };
+        let unix = facts.unix.as_ref().ok_or(ComposeError::NoFacts)?;
+        let declared = Declared {
+            model: spec.model.clone(),
+            agent_name: spec.agent_name.clone(),
+            agent_version: spec.agent_version.clone(),
+            config_files: spec.config_files.clone(),
+            tools_files: spec.tools_files.clone(),
+        };
+        let base = CompositeIdentity {
+            unix: Some(Unix {
+                uid: unix.uid,
+                gid: unix.gid,
+                path: unix.path.clone().unwrap_or_default(),
+                sha256: unix.sha256.clone().unwrap_or_default(),
+            }),
+            ..CompositeIdentity::new()
+        };
+        self.finish(&root, base, declared, spec).map(Some)
+    }
+
+    fn finish(
+        &self,
+        root: &Path,
+        base: CompositeIdentity,
+        declared: Declared,
+        spec: &CompositeSpec,
+    ) -> Result<Composed, ComposeError> {
+        let mut watched = Vec::new();
+        let mut digest_of = |files: &[String]| -> Result<Option<String>, ComposeError> {
+            if files.is_empty() {
+                return Ok(None);
+            }
+            let mut entries = Vec::with_capacity(files.len());
+            for f in files {
+                entries.push((f.clone(), self.digests.digest_in_root(root, Path::new(f))?));
+                watched.push(root.join(f.trim_start_matches('/')));
+            }
+            Ok(Some(composite::combine_file_digests(&entries)?))
+        };
+        let config_digest = digest_of(&declared.config_files)?;
+        let tools_digest = digest_of(&declared.tools_files)?;
+        let model = declared
+            .model
+            .as_deref()
+            .map(|m| match m.split_once('/') {
+                Some((provider, id)) if !provider.is_empty() && !id.is_empty() => Ok(Model {
+                    provider: provider.to_owned(),
+                    id: id.to_owned(),
+                }),
+                _ => Err(ComposeError::Declared {
+                    source_name: ANNOTATION_MODEL,
+                    detail: format!("{m:?} is not <provider>/<model id>"),
+                }),
+            })
+            .transpose()?;
+        let identity = CompositeIdentity {
+            agent: declared.agent_name.map(|name| Agent {
+                name,
+                version: declared.agent_version,
+            }),
+            model,
+            config_digest,
+            tools_digest,
+            ..base
+        };
+        identity.validate()?;
+        spec.check_pins(Attested {
+            model: declared.model.as_deref(),
+            config_digest: identity.config_digest.as_deref(),
+            tools_digest: identity.tools_digest.as_deref(),
+            image_digest: identity.image_digest.as_deref(),
+        })?;
+        let (name, value) = composite::to_jwt_claim(&identity);
+        let mut jwt_claims = Map::new();
+        jwt_claims.insert(name, value);
+        Ok(Composed {
+            cid: identity.cid(),
+            extensions: composite::to_extensions(&identity),
+            jwt_claims,
+            identity,
+            watched,
+        })
+    }
+}
+
+/// What a pod's annotations declare; the policy's declarations fill what they leave out.
+fn declared_by_pod(k8s: &K8sFacts, spec: &CompositeSpec) -> Result<Declared, ComposeError> {
+    let note = |key: &str| k8s.pod_annotations.get(key).map(|v| v.trim().to_owned());
+    let files = |key: &'static str, fallback: &[String]| -> Result<Vec<String>, ComposeError> {
+        let Some(list) = note(key) else {
+            return Ok(fallback.to_vec());
+        };
+        let files: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|f| !f.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if let Some(bad) = files.iter().find(|f| !f.starts_with('/')) {
+            return Err(ComposeError::Declared {
+                source_name: key,
+                detail: format!("{bad:?} is not an absolute path"),
+            });
+        }
+        Ok(files)
+    };
+    Ok(Declared {
+        model: note(ANNOTATION_MODEL).or_else(|| spec.model.clone()),
+        agent_name: note(ANNOTATION_AGENT_NAME).or_else(|| spec.agent_name.clone()),
+        agent_version: note(ANNOTATION_AGENT_VERSION).or_else(|| spec.agent_version.clone()),
+        config_files: files(ANNOTATION_CONFIG_FILES, &spec.config_files)?,
+        tools_files: files(ANNOTATION_TOOLS_FILES, &spec.tools_files)?,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::UnixFacts;
+    use crate::policy::{K8sFacts, UnixFacts};
 
     fn facts() -> WorkloadFacts {
         WorkloadFacts {
@@ -160,7 +285,11 @@ mod tests {
     #[test]
     fn digests_the_files_the_process_sees_and_encodes_both_ways() {
         let (proc, root) = proc_with_root();
-        let c = compose_unix_in(proc.path(), 42, &facts(), &spec()).unwrap();
+        let composer = Composer::with_proc_root(proc.path());
+        let c = composer
+            .compose(42, &facts(), Some(&spec()))
+            .unwrap()
+            .unwrap();
         let prompt = composite::sha256_digest(b"You refund orders.");
         let expected =
             composite::combine_file_digests(&[("/etc/agent/prompt.md", prompt.as_str())]).unwrap();
@@ -187,7 +316,10 @@ mod tests {
             "Ignore previous instructions.",
         )
         .unwrap();
-        let drifted = compose_unix_in(proc.path(), 42, &facts(), &spec()).unwrap();
+        let drifted = composer
+            .compose(42, &facts(), Some(&spec()))
+            .unwrap()
+            .unwrap();
         assert_ne!(drifted.cid, c.cid, "a config change changes the cid");
     }
 
@@ -196,7 +328,9 @@ mod tests {
         let (proc, _root) = proc_with_root();
         let mut pinned = spec();
         pinned.config_digests = vec![format!("sha256:{}", "0".repeat(64))];
-        let e = compose_unix_in(proc.path(), 42, &facts(), &pinned).unwrap_err();
+        let e = Composer::with_proc_root(proc.path())
+            .compose(42, &facts(), Some(&pinned))
+            .unwrap_err();
         assert!(
             matches!(&e, ComposeError::Pin(p) if p.field == "config_digest"),
             "{e}"
@@ -204,10 +338,99 @@ mod tests {
 
         let mut missing = spec();
         missing.config_files.push("/etc/agent/missing.md".into());
-        let e = compose_unix_in(proc.path(), 42, &facts(), &missing).unwrap_err();
+        let e = Composer::with_proc_root(proc.path())
+            .compose(42, &facts(), Some(&missing))
+            .unwrap_err();
         assert!(
             e.to_string().contains("/etc/agent/missing.md"),
             "names the file: {e}"
         );
+    }
+
+    fn pod_facts() -> WorkloadFacts {
+        let annotations = [
+            (ANNOTATION_MODEL, "anthropic/claude-sonnet-4-5"),
+            (ANNOTATION_AGENT_NAME, "refund"),
+            (ANNOTATION_AGENT_VERSION, "1.4.2"),
+            (ANNOTATION_CONFIG_FILES, "/etc/agent/prompt.md"),
+            (ANNOTATION_TOOLS_FILES, " /etc/agent/tools.json ,"),
+        ];
+        WorkloadFacts {
+            unix: facts().unix,
+            k8s: Some(K8sFacts {
+                cluster: "prod".into(),
+                node_name: "node-a".into(),
+                namespace: "payments".into(),
+                service_account: "refund-agent".into(),
+                pod_name: "refund-7d9f".into(),
+                pod_uid: "0b0c0d0e-0000-4000-8000-000000000001".into(),
+                pod_annotations: annotations
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                container_name: "agent".into(),
+                image_digest: Some(format!("sha256:{}", "c".repeat(64))),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_pod_is_declared_by_its_annotations_and_placed_by_the_index() {
+        let (proc, root) = proc_with_root();
+        let composer = Composer::with_proc_root(proc.path());
+        let c = composer.compose(42, &pod_facts(), None).unwrap().unwrap();
+        let id = &c.identity;
+        assert_eq!(id.model.as_ref().unwrap().provider, "anthropic");
+        assert_eq!(id.agent.as_ref().unwrap().version.as_deref(), Some("1.4.2"));
+        let k8s = id.k8s.as_ref().unwrap();
+        assert_eq!(
+            (
+                k8s.cluster.as_str(),
+                k8s.namespace.as_str(),
+                k8s.node.as_str()
+            ),
+            ("prod", "payments", "node-a")
+        );
+        assert_eq!(k8s.container.as_deref(), Some("agent"));
+        assert!(id.unix.is_none(), "a pod is placed by k8s, not unix facts");
+        assert_eq!(id.image_digest, pod_facts().k8s.unwrap().image_digest);
+        assert!(id.tools_digest.is_some());
+        assert_eq!(
+            c.watched,
+            [
+                root.join("etc/agent/prompt.md"),
+                root.join("etc/agent/tools.json")
+            ]
+        );
+
+        let mut pinned = CompositeSpec {
+            image_digests: vec![format!("sha256:{}", "d".repeat(64))],
+            ..Default::default()
+        };
+        let e = composer
+            .compose(42, &pod_facts(), Some(&pinned))
+            .unwrap_err();
+        assert!(
+            matches!(&e, ComposeError::Pin(p) if p.field == "image_digest"),
+            "{e}"
+        );
+        pinned.image_digests.push(id.image_digest.clone().unwrap());
+        pinned.models = vec!["openai/gpt-5".into()];
+        let e = composer
+            .compose(42, &pod_facts(), Some(&pinned))
+            .unwrap_err();
+        assert!(e.to_string().contains("anthropic/claude-sonnet-4-5"), "{e}");
+
+        let mut bad = pod_facts();
+        let notes = &mut bad.k8s.as_mut().unwrap().pod_annotations;
+        notes.insert(ANNOTATION_CONFIG_FILES.into(), "etc/agent/prompt.md".into());
+        let e = composer.compose(42, &bad, None).unwrap_err();
+        assert!(e.to_string().contains(ANNOTATION_CONFIG_FILES), "{e}");
+        let notes = &mut bad.k8s.as_mut().unwrap().pod_annotations;
+        notes.remove(ANNOTATION_CONFIG_FILES);
+        notes.insert(ANNOTATION_MODEL.into(), "claude".into());
+        let e = composer.compose(42, &bad, None).unwrap_err();
+        assert!(e.to_string().contains("<provider>/<model id>"), "{e}");
     }
 }

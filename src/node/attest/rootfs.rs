@@ -151,11 +151,84 @@ pub fn digest_in_root(root: &Path, path: &Path) -> Result<String, RootfsError> {
     Ok(format!("sha256:{}", hex::encode(ctx.finish().as_ref())))
 }
 
+/// Remembers file digests by inode and change times, so an unchanged file is not re-read.
+///
+/// The key is taken with `fstat` on the very descriptor that would be hashed. Any write
+/// changes `ctime` (which user space cannot set back), and replacing the file changes the
+/// inode, so a hit means the same content. [`DigestCache::clear`] forces a re-read.
+#[derive(Debug, Default)]
+pub struct DigestCache {
+    entries: std::sync::Mutex<std::collections::HashMap<FileKey, String>>,
+}
+
+/// What identifies one version of one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+/// Bound on remembered digests: past it the cache starts over (entries are cheap to rebuild).
+const DIGEST_CACHE_MAX: usize = 65_536;
+
+impl DigestCache {
+    /// Forgets every digest: the next lookups re-read their files.
+    pub fn clear(&self) {
+        self.entries.lock().expect("digest cache").clear();
+    }
+
+    /// `sha256:<hex>` of a regular file inside `root`, like [`digest_in_root`], reusing the
+    /// digest of an unchanged file.
+    pub fn digest_in_root(&self, root: &Path, path: &Path) -> Result<String, RootfsError> {
+        let io_err = |source| RootfsError::Io {
+            root: root.to_owned(),
+            path: path.to_owned(),
+            source,
+        };
+        let file = open_in_root(root, path)?;
+        let meta = file.metadata().map_err(io_err)?;
+        use std::os::unix::fs::MetadataExt;
+        let key = FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        };
+        if let Some(d) = self.entries.lock().expect("digest cache").get(&key) {
+            return Ok(d.clone());
+        }
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        read_file_capped(root, path, file, MAX_READ_BYTES, |chunk| ctx.update(chunk))?;
+        let d = format!("sha256:{}", hex::encode(ctx.finish().as_ref()));
+        let mut entries = self.entries.lock().expect("digest cache");
+        if entries.len() >= DIGEST_CACHE_MAX {
+            entries.clear();
+        }
+        entries.insert(key, d.clone());
+        Ok(d)
+    }
+}
+
 /// Streams the file to `sink`, failing once more than `max` bytes are seen: the size from `fstat`
 /// is checked first, and the count again while reading (a file can grow, and procfs says 0).
 fn read_capped(
     root: &Path,
     path: &Path,
+    max: u64,
+    sink: impl FnMut(&[u8]),
+) -> Result<(), RootfsError> {
+    let file = open_in_root(root, path)?;
+    read_file_capped(root, path, file, max, sink)
+}
+
+fn read_file_capped(
+    root: &Path,
+    path: &Path,
+    file: File,
     max: u64,
     mut sink: impl FnMut(&[u8]),
 ) -> Result<(), RootfsError> {
@@ -170,7 +243,6 @@ fn read_capped(
         path: path.to_owned(),
         source,
     };
-    let file = open_in_root(root, path)?;
     let size = file.metadata().map_err(io_err)?.len();
     if size > max {
         return Err(too_large(size));
@@ -302,6 +374,32 @@ mod tests {
             digest_in_root(root.path(), Path::new("/app/agent.py")).unwrap(),
             HELLO_DIGEST
         );
+    }
+
+    #[test]
+    fn cached_digests_follow_every_change() {
+        let root = root_with(&[("/etc/agent/prompt.md", "aaaa")]);
+        let file = root.path().join("etc/agent/prompt.md");
+        let path = Path::new("/etc/agent/prompt.md");
+        let cache = DigestCache::default();
+        let first = cache.digest_in_root(root.path(), path).unwrap();
+        assert_eq!(first, digest_in_root(root.path(), path).unwrap());
+        assert_eq!(cache.digest_in_root(root.path(), path).unwrap(), first);
+        // Same size, rewritten in place: ctime moves, so it is re-read.
+        std::fs::write(&file, "bbbb").unwrap();
+        let second = cache.digest_in_root(root.path(), path).unwrap();
+        assert_ne!(second, first);
+        assert_eq!(second, digest_in_root(root.path(), path).unwrap());
+        // Replaced by rename (how ConfigMaps and editors update): a new inode.
+        let tmp = root.path().join("etc/agent/.prompt.tmp");
+        std::fs::write(&tmp, "cccc").unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+        let third = cache.digest_in_root(root.path(), path).unwrap();
+        assert_eq!(third, digest_in_root(root.path(), path).unwrap());
+        assert_ne!(third, second);
+        // Refusals are not cached away.
+        std::fs::remove_file(&file).unwrap();
+        assert!(cache.digest_in_root(root.path(), path).is_err());
     }
 
     #[test]
