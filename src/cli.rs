@@ -77,6 +77,10 @@ pub struct UpArgs {
     /// Allow a non-loopback admin address.
     #[arg(long, env = "AGENTID_ADMIN_ALLOW_REMOTE")]
     pub admin_allow_remote: bool,
+    /// How often every file behind a live composite identity is re-hashed, as a safety net
+    /// behind inotify (e.g. 30s, 5m).
+    #[arg(long, env = "AGENTID_REHASH_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub rehash_interval: std::time::Duration,
 }
 
 /// Where the client finds the Workload API.

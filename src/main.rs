@@ -55,6 +55,7 @@ async fn run(command: Command) -> Result<(), Failure> {
                 policy: args.policy,
                 admin_addr: args.admin_addr,
                 admin_allow_remote: args.admin_allow_remote,
+                rehash_interval: args.rehash_interval,
             };
             tracing::info!(config = ?config, "starting agentid up");
             let up = up::build(config).await.map_err(|e| {

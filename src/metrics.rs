@@ -51,6 +51,8 @@ pub struct NodeMetrics {
     pub svid_expiry: Family<IdLabels, Gauge>,
     /// Policy reloads that failed (the previous policies stay in force).
     pub policy_reload_failures: Counter,
+    /// Open streams whose composite identity changed under them (config drift).
+    pub composite_drifts: Counter,
 }
 
 impl NodeMetrics {
@@ -67,6 +69,7 @@ impl NodeMetrics {
             open_streams: Gauge::default(),
             svid_expiry: Family::default(),
             policy_reload_failures: Counter::default(),
+            composite_drifts: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("agentid_node");
         r.register(
@@ -103,6 +106,11 @@ impl NodeMetrics {
             "svid_expiry_timestamp_seconds",
             "Expiry of each cached X509-SVID",
             m.svid_expiry.clone(),
+        );
+        r.register(
+            "composite_drifts",
+            "Composite identities that changed under an open stream",
+            m.composite_drifts.clone(),
         );
         r.register(
             "policy_reload_failures",

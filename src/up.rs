@@ -16,6 +16,8 @@ use crate::audit::AuditLog;
 use crate::metrics::NodeMetrics;
 use crate::node::attest::UnixAttestor;
 use crate::node::cache::SvidCache;
+use crate::node::composite::Composer;
+use crate::node::drift::DriftWatch;
 use crate::node::issuer::{IssueError, JwtRequest, SvidIssuer, TrustBundles, X509Request};
 use crate::node::uds::WorkloadSocket;
 use crate::node::workload_api::WorkloadApi;
@@ -33,6 +35,9 @@ pub struct UpConfig {
     pub policy: Vec<PathBuf>,
     pub admin_addr: SocketAddr,
     pub admin_allow_remote: bool,
+    /// Period of the re-hash of files behind live composite identities.
+    #[serde(with = "humantime_serde")]
+    pub rehash_interval: std::time::Duration,
 }
 
 /// The in-process issuer: the node daemon's signing requests go straight to the authority.
@@ -147,6 +152,9 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
             metrics.clone(),
         )?;
     }
+    let composer = Arc::new(Composer::new());
+    let drift = DriftWatch::new();
+    spawn_rehash(config.rehash_interval, composer.clone(), drift.clone());
     let api = WorkloadApi::new(
         td,
         Arc::new(UnixAttestor::new()),
@@ -155,7 +163,8 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
         cache,
         audit,
         metrics,
-    );
+    )
+    .with_composite(composer, drift);
     let socket = WorkloadSocket::bind(&config.socket)?;
     let ready = Readiness::default();
     let admin_addr = admin::spawn(
@@ -175,6 +184,24 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
         config,
         _policy_tx: policy_tx,
     })
+}
+
+/// The safety net behind inotify: every `period`, forget all file digests and have open
+/// streams recompose, so a change inotify could not see is still found.
+fn spawn_rehash(period: std::time::Duration, composer: Arc<Composer>, drift: DriftWatch) {
+    if period.is_zero() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            composer.flush();
+            drift.poke();
+        }
+    });
 }
 
 impl Up {

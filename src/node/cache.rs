@@ -62,6 +62,8 @@ pub struct IssueContext {
     pub gid: Option<u32>,
     pub selectors: Vec<String>,
     pub policy: String,
+    /// The composite identity the credential states (cid, model, digests), if any.
+    pub identity: Identity,
 }
 
 struct Slot {
@@ -353,7 +355,7 @@ impl Inner {
             .credential(credential)
             .identity(Identity {
                 spiffe_id: Some(id.to_string()),
-                ..Default::default()
+                ..ctx.identity.clone()
             })
             .attestation(Attestation {
                 selectors: ctx.selectors.clone(),

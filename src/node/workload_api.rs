@@ -17,10 +17,13 @@ use tonic::{Request, Response, Status};
 
 use super::attest::{WorkloadAttestor, resolve_user_name};
 use super::cache::{Hold, IssueContext, SvidCache, SvidKey};
+use super::composite::{ComposeError, Composed, Composer};
+use super::drift::{DriftWatch, Watching};
 use super::issuer::{JwtRequest, TrustBundles};
 use super::peer::PeerInfo;
 use crate::api::workload as pb;
-use crate::audit::{Action, Attestation, AuditEvent, AuditLog, Decision};
+use crate::audit::{Action, Attestation, AuditEvent, AuditLog, Decision, Identity};
+use crate::composite::CompositeIdentity;
 use crate::crypto::jwt;
 use crate::metrics::{MethodLabels, NodeMetrics, RpcLabels};
 use crate::policy::{Entitlement, PolicySet, WorkloadFacts};
@@ -53,6 +56,8 @@ pub struct WorkloadApi {
     cache: SvidCache,
     audit: AuditLog,
     metrics: NodeMetrics,
+    composer: Arc<Composer>,
+    drift: DriftWatch,
     /// Cancelled at shutdown: open streams end so the server can drain.
     shutdown: CancellationToken,
 }
@@ -64,17 +69,97 @@ struct Caller {
     entitlements: Vec<Entitlement>,
 }
 
-impl Caller {
+/// An attested caller with the identities it can be issued, composite identities checked.
+struct Entitled {
+    peer: PeerInfo,
+    facts: WorkloadFacts,
+    issuable: Vec<Issuable>,
+}
+
+/// One identity a caller can be issued, with the composite identity it states.
+struct Issuable {
+    e: Entitlement,
+    composed: Option<Arc<Composed>>,
+}
+
+impl Entitled {
     /// Who asked, for the audit record of an issuance (built only when one is written).
-    fn context(&self, e: &Entitlement) -> IssueContext {
+    fn context(&self, i: &Issuable) -> IssueContext {
         IssueContext {
             pid: Some(self.peer.pid as u32),
             uid: Some(self.peer.uid),
             gid: Some(self.peer.gid),
             selectors: audit_selectors(&self.facts),
-            policy: e.policy.to_string(),
+            policy: i.e.policy.to_string(),
+            identity: i
+                .composed
+                .as_deref()
+                .map(audit_identity)
+                .unwrap_or_default(),
         }
     }
+
+    /// The composite identity stated under each SPIFFE ID (for drift records).
+    fn composites(&self) -> Vec<(SpiffeId, Option<Arc<Composed>>)> {
+        self.issuable
+            .iter()
+            .map(|i| (i.e.spiffe_id.clone(), i.composed.clone()))
+            .collect()
+    }
+
+    /// Every file the caller's composite identities were hashed from.
+    fn watched_files(&self) -> Vec<std::path::PathBuf> {
+        let mut files: Vec<_> = self
+            .issuable
+            .iter()
+            .filter_map(|i| i.composed.as_deref())
+            .flat_map(|c| c.watched.iter().cloned())
+            .collect();
+        files.sort();
+        files.dedup();
+        files
+    }
+}
+
+/// The composite part of an audit record's identity.
+fn audit_identity(c: &Composed) -> Identity {
+    let id = &c.identity;
+    Identity {
+        spiffe_id: None,
+        cid: Some(c.cid.clone()),
+        model: id
+            .model
+            .as_ref()
+            .map(|m| format!("{}/{}", m.provider, m.id)),
+        config_digest: id.config_digest.clone(),
+        tools_digest: id.tools_digest.clone(),
+        image_digest: id.image_digest.clone(),
+    }
+}
+
+/// What changed between two composite identities, for the drift audit record.
+fn drift_summary(old: &CompositeIdentity, new: &CompositeIdentity) -> String {
+    let field = |name: &str, a: &Option<String>, b: &Option<String>| {
+        (a != b).then(|| {
+            let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
+            format!("{name} {} -> {}", show(a), show(b))
+        })
+    };
+    let model =
+        |m: &CompositeIdentity| m.model.as_ref().map(|m| format!("{}/{}", m.provider, m.id));
+    let mut changes: Vec<String> = [
+        field("model", &model(old), &model(new)),
+        field("config_digest", &old.config_digest, &new.config_digest),
+        field("tools_digest", &old.tools_digest, &new.tools_digest),
+        field("image_digest", &old.image_digest, &new.image_digest),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if changes.is_empty() {
+        changes.push("placement changed".into());
+    }
+    changes.join("; ")
 }
 
 /// The facts as selectors for an audit record, user name included.
@@ -105,8 +190,17 @@ impl WorkloadApi {
             cache,
             audit,
             metrics,
+            composer: Arc::new(Composer::new()),
+            drift: DriftWatch::new(),
             shutdown: CancellationToken::new(),
         }
+    }
+
+    /// Uses `composer` and `drift` (shared with the periodic re-hash) instead of private ones.
+    pub fn with_composite(mut self, composer: Arc<Composer>, drift: DriftWatch) -> Self {
+        self.composer = composer;
+        self.drift = drift;
+        self
     }
 
     /// Cancelling this ends every open stream (used at shutdown).
@@ -146,17 +240,84 @@ impl WorkloadApi {
         })
     }
 
+    /// Attests the caller, evaluates the policies and builds the composite identity each
+    /// entitlement states, checking its pins. An entitlement whose composite is refused is
+    /// dropped (and audited with the reason); none left is `PermissionDenied`, or
+    /// `Unavailable` when a declared file could not be hashed.
     async fn resolve_entitled(
         &self,
         peer: &PeerInfo,
         method: &'static str,
-    ) -> Result<Caller, Status> {
+    ) -> Result<Entitled, Status> {
         let caller = self.resolve(peer, method).await?;
         if caller.entitlements.is_empty() {
             self.deny(method, peer, &caller.facts, "no policy matches the caller");
             return Err(Status::permission_denied(NO_IDENTITY));
         }
-        Ok(caller)
+        let composed = self.compose(&caller).await?;
+        let mut issuable = Vec::with_capacity(caller.entitlements.len());
+        let mut unavailable = None;
+        for (e, result) in caller.entitlements.into_iter().zip(composed) {
+            match result {
+                Ok(composed) => issuable.push(Issuable {
+                    e,
+                    composed: composed.map(Arc::new),
+                }),
+                Err(ComposeError::Pin(pin)) => {
+                    let reason = format!("policy {}: {pin}", e.policy);
+                    self.deny(method, peer, &caller.facts, &reason);
+                }
+                Err(err) => {
+                    let reason = format!("attestation failed: policy {}: {err}", e.policy);
+                    self.deny(method, peer, &caller.facts, &reason);
+                    unavailable.get_or_insert(err.to_string());
+                }
+            }
+        }
+        if issuable.is_empty() {
+            return Err(match unavailable {
+                Some(err) => Status::unavailable(format!("workload attestation failed: {err}")),
+                None => Status::permission_denied(NO_IDENTITY),
+            });
+        }
+        Ok(Entitled {
+            peer: caller.peer,
+            facts: caller.facts,
+            issuable,
+        })
+    }
+
+    /// The composite identity for each of the caller's entitlements (in order), off the
+    /// async threads since it may hash files.
+    async fn compose(
+        &self,
+        caller: &Caller,
+    ) -> Result<Vec<Result<Option<Composed>, ComposeError>>, Status> {
+        let specs: Vec<_> = caller
+            .entitlements
+            .iter()
+            .map(|e| e.composite.clone())
+            .collect();
+        if caller.facts.k8s.is_none() && specs.iter().all(Option::is_none) {
+            return Ok(specs.iter().map(|_| Ok(None)).collect());
+        }
+        let (composer, facts, pid) = (self.composer.clone(), caller.facts.clone(), caller.peer.pid);
+        let results = tokio::task::spawn_blocking(move || {
+            specs
+                .iter()
+                .map(|s| composer.compose(pid, &facts, s.as_deref()))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Status::unavailable(format!("workload attestation failed: {e}")))?;
+        // The files were read through /proc/<pid>/root: they are the caller's only if the
+        // caller is still the process that pid names.
+        if !caller.peer.is_alive() {
+            return Err(Status::unavailable(format!(
+                "workload attestation failed: process {pid} exited"
+            )));
+        }
+        Ok(results)
     }
 
     fn deny(&self, method: &'static str, peer: &PeerInfo, facts: &WorkloadFacts, reason: &str) {
@@ -201,19 +362,24 @@ impl WorkloadApi {
     /// The full-state X509-SVID message for `caller`, and the cache keys it is built from.
     async fn x509_response(
         &self,
-        caller: &Caller,
+        caller: &Entitled,
     ) -> Result<(pb::X509svidResponse, Vec<SvidKey>), Status> {
         let bundles = self.bundles.borrow().clone();
         let own = bundles.own.x509_der();
-        let mut svids = Vec::with_capacity(caller.entitlements.len());
+        let mut svids = Vec::with_capacity(caller.issuable.len());
         let mut last_error = None;
-        for e in &caller.entitlements {
+        for i in &caller.issuable {
+            let e = &i.e;
             let key = SvidKey {
                 spiffe_id: e.spiffe_id.clone(),
                 ttl: e.x509_ttl,
-                extensions: Vec::new(),
+                extensions: i
+                    .composed
+                    .as_ref()
+                    .map(|c| c.extensions.clone())
+                    .unwrap_or_default(),
             };
-            match self.cache.x509(&key, || caller.context(e)).await {
+            match self.cache.x509(&key, || caller.context(i)).await {
                 Ok(svid) => svids.push((
                     key,
                     pb::X509svid {
@@ -325,6 +491,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         // Watch for changes before reading the state the first message is built from, so a
         // change that lands while it is being built still wakes the stream.
         let generation = self.cache.subscribe();
+        let drift = self.drift.subscribe();
         let mut policies = self.policies.clone();
         let mut bundles = self.bundles.clone();
         policies.mark_unchanged();
@@ -333,11 +500,11 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             let peer = peer_of(&req)?;
             let caller = self.resolve_entitled(&peer, METHOD).await?;
             let (first, keys) = self.x509_response(&caller).await?;
-            Ok((peer, first, keys))
+            Ok((caller, first, keys))
         }
         .await;
         self.observe(METHOD, start, &result);
-        let (peer, first, keys) = result?;
+        let (caller, first, keys) = result?;
 
         // The stream is polled by the connection that carries it, like any response body: no
         // task or channel per stream. It ends when the client goes away (the body is dropped),
@@ -346,11 +513,15 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             _guard: StreamGuard::new(&self.metrics),
             // While the stream is open its SVIDs are renewed even if nothing else fetches them.
             hold: self.cache.hold(keys),
+            // Files behind its composite identities are watched for drift while it is open.
+            watching: self.drift.watch(&caller.watched_files()),
+            composites: caller.composites(),
             generation,
+            drift,
             policies,
             bundles,
             api: self.clone(),
-            peer,
+            peer: caller.peer,
             last: first.clone(),
         };
         let updates = futures::stream::unfold(Some(watch), |watch| async move {
@@ -363,14 +534,24 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                     r = w.generation.changed() => r.ok()?,
                     r = w.policies.changed() => r.ok()?,
                     r = w.bundles.changed() => r.ok()?,
+                    r = w.drift.changed() => r.ok()?,
                 }
                 let next = match w.api.resolve_entitled(&w.peer, METHOD).await {
-                    Ok(caller) => w.api.x509_response(&caller).await,
+                    Ok(caller) => match w.api.x509_response(&caller).await {
+                        Ok((msg, keys)) => Ok((caller, msg, keys)),
+                        Err(status) => Err(status),
+                    },
                     Err(status) => Err(status),
                 };
                 match next {
-                    Ok((msg, keys)) => {
+                    Ok((caller, msg, keys)) => {
                         w.hold = w.api.cache.hold(keys);
+                        let composites = caller.composites();
+                        if composites != w.composites {
+                            w.api.audit_drift(&w.peer, &w.composites, &composites);
+                            w.watching = w.api.drift.watch(&caller.watched_files());
+                            w.composites = composites;
+                        }
                         if msg != w.last {
                             w.last = msg.clone();
                             return Some((Ok(msg), Some(w)));
@@ -380,7 +561,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                         // Withdrawn (no identity left) or unattestable: end the stream with
                         // the reason; clients reconnect and are told again.
                         if status.code() == tonic::Code::PermissionDenied {
-                            w.api.audit_withdrawn(&w.peer, &w.last);
+                            w.api.audit_drift(&w.peer, &w.composites, &[]);
                         }
                         return Some((Err(status), None));
                     }
@@ -494,10 +675,10 @@ impl WorkloadApi {
             };
         let peer = peer_of(req)?;
         let caller = self.resolve_entitled(&peer, method).await?;
-        let chosen: Vec<&Entitlement> = caller
-            .entitlements
+        let chosen: Vec<&Issuable> = caller
+            .issuable
             .iter()
-            .filter(|e| wanted.as_ref().is_none_or(|w| w == &e.spiffe_id))
+            .filter(|i| wanted.as_ref().is_none_or(|w| w == &i.e.spiffe_id))
             .collect();
         if chosen.is_empty() {
             self.deny(
@@ -509,16 +690,21 @@ impl WorkloadApi {
             return Err(Status::permission_denied(NO_IDENTITY));
         }
         let mut svids = Vec::with_capacity(chosen.len());
-        for e in chosen {
+        for i in chosen {
+            let e = &i.e;
             let jr = JwtRequest {
                 spiffe_id: e.spiffe_id.clone(),
                 audience: body.audience.clone(),
                 ttl: e.jwt_ttl,
-                claims: Default::default(),
+                claims: i
+                    .composed
+                    .as_ref()
+                    .map(|c| c.jwt_claims.clone())
+                    .unwrap_or_default(),
             };
             let token = self
                 .cache
-                .jwt(jr, || caller.context(e))
+                .jwt(jr, || caller.context(i))
                 .await
                 .map_err(|err| Status::unavailable(format!("JWT-SVID issuance failed: {err}")))?;
             svids.push(pb::Jwtsvid {
@@ -557,11 +743,38 @@ impl WorkloadApi {
         })
     }
 
-    fn audit_withdrawn(&self, peer: &PeerInfo, last: &pb::X509svidResponse) {
-        for svid in &last.svids {
-            let event = AuditEvent::new(Action::Withdrawn, svid.spiffe_id.clone())
-                .decision(Decision::deny("no policy entitles the caller any longer"))
+    /// Records what an open stream stopped serving: each identity withdrawn, and each whose
+    /// composite identity changed (drift), with the old and new digests.
+    fn audit_drift(
+        &self,
+        peer: &PeerInfo,
+        before: &[(SpiffeId, Option<Arc<Composed>>)],
+        after: &[(SpiffeId, Option<Arc<Composed>>)],
+    ) {
+        for (id, old) in before {
+            let now = after.iter().find(|(a, _)| a == id).map(|(_, c)| c);
+            let reason = match (old, now) {
+                (_, None) => "no longer entitled (the denial record says why)".to_owned(),
+                (Some(old), Some(Some(new))) if old.cid != new.cid => {
+                    self.metrics.composite_drifts.inc();
+                    format!(
+                        "composite identity drifted: {}; re-issued as {}",
+                        drift_summary(&old.identity, &new.identity),
+                        new.cid
+                    )
+                }
+                _ => continue,
+            };
+            tracing::info!(spiffe_id = %id, pid = peer.pid, %reason, "identity withdrawn from an open stream");
+            let mut event = AuditEvent::new(Action::Withdrawn, id.to_string())
+                .decision(Decision::deny(reason))
                 .requester(peer.requester());
+            if let Some(old) = old {
+                event = event.identity(Identity {
+                    spiffe_id: Some(id.to_string()),
+                    ..audit_identity(old)
+                });
+            }
             if let Err(e) = self.audit.record(event) {
                 tracing::error!(error = %e, "writing audit record");
             }
@@ -624,7 +837,10 @@ where
 struct X509Watch {
     _guard: StreamGuard,
     hold: Hold,
+    watching: Watching,
+    composites: Vec<(SpiffeId, Option<Arc<Composed>>)>,
     generation: watch::Receiver<u64>,
+    drift: watch::Receiver<u64>,
     policies: watch::Receiver<Arc<PolicySet>>,
     bundles: watch::Receiver<Arc<TrustBundles>>,
     api: WorkloadApi,
