@@ -213,6 +213,10 @@ impl WorkloadApi {
     async fn resolve(&self, peer: &PeerInfo, method: &'static str) -> Result<Caller, Status> {
         let mut facts = match self.attestor.attest(peer).await {
             Ok(f) => f,
+            Err(e) if e.is_denial() => {
+                self.deny(method, peer, &WorkloadFacts::default(), &e.to_string());
+                return Err(Status::permission_denied(NO_IDENTITY));
+            }
             Err(e) => {
                 self.deny(
                     method,

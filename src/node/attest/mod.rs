@@ -1,6 +1,7 @@
 //! Workload attestation: what the kernel (and later the cluster) says about a caller.
 pub mod cgroup;
 pub mod cgroup_fs;
+pub mod k8s;
 pub mod rootfs;
 mod unix;
 
@@ -11,7 +12,8 @@ pub use unix::UnixAttestor;
 use crate::node::peer::PeerInfo;
 use crate::policy::WorkloadFacts;
 
-/// Why a caller could not be attested. Mapped to `Unavailable` at the API edge.
+/// Why a caller could not be attested. Mapped to `Unavailable` at the API edge, except
+/// [`AttestError::UnknownPod`], which is `PermissionDenied`.
 #[derive(Debug, thiserror::Error)]
 pub enum AttestError {
     #[error("the calling process (pid {0}) has exited")]
@@ -23,6 +25,17 @@ pub enum AttestError {
     },
     #[error("malformed {path}: {detail}")]
     Malformed { path: String, detail: String },
+    /// The caller runs in a container the pod index does not know (after the bounded wait):
+    /// it has no identity, rather than a passing failure.
+    #[error("{container} is not a known pod on this node: {reason}")]
+    UnknownPod { container: String, reason: String },
+}
+
+impl AttestError {
+    /// True when retrying cannot help: the caller is not someone with an identity.
+    pub fn is_denial(&self) -> bool {
+        matches!(self, AttestError::UnknownPod { .. })
+    }
 }
 
 /// A source of facts about callers. `up`, Kubernetes and tests plug in their own.
