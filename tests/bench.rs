@@ -45,6 +45,10 @@ fn quick_bench_reports_every_figure_against_the_floor() {
     assert!(report["issuance"]["issued_per_sec"].as_f64().unwrap() > 0.0);
     assert!(report["issuance"]["keyed_issued_per_sec"].as_f64().unwrap() > 0.0);
     assert!(report["issuance"]["raw_signs_per_sec"].as_f64().unwrap() > 0.0);
+    let drift = &report["drift"];
+    assert_eq!(drift["samples"], 5);
+    assert!(drift["p50_ms"].as_f64().unwrap() > 0.0, "{drift}");
+    assert!(drift["max_ms"].as_f64().unwrap() >= drift["p50_ms"].as_f64().unwrap());
     // 3 figures per load level, plus memory and issuance.
     assert_eq!(report["targets"].as_array().unwrap().len(), 3 * 3 + 2);
 }

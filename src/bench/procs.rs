@@ -46,16 +46,28 @@ impl Server {
     /// Starts the real daemon, `agentid up`, with its state, socket and admin port private to
     /// this run and the built-in policy (which entitles this process).
     pub fn daemon(exe: &Path, dir: &Path) -> anyhow::Result<Self> {
-        let socket = dir.join("daemon.sock");
+        Self::daemon_with(exe, dir, "daemon", &[])
+    }
+
+    /// Starts `agentid up` like [`Server::daemon`], named `name` (socket, state and log
+    /// files), with `extra` flags.
+    pub fn daemon_with(
+        exe: &Path,
+        dir: &Path,
+        name: &'static str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let socket = dir.join(format!("{name}.sock"));
         let mut cmd = Command::new(exe);
         cmd.arg("up")
             .arg("--state-dir")
-            .arg(dir.join("daemon-state"))
+            .arg(dir.join(format!("{name}-state")))
             .arg("--socket")
             .arg(&socket)
             .arg("--admin-addr")
-            .arg("127.0.0.1:0");
-        Self::spawn("daemon", cmd, socket, dir)
+            .arg("127.0.0.1:0")
+            .args(extra);
+        Self::spawn(name, cmd, socket, dir)
     }
 
     /// Starts the floor server, `agentid bench-floor`.
