@@ -187,3 +187,20 @@ pub fn my_uid() -> u32 {
     // SAFETY: getuid cannot fail.
     unsafe { libc::getuid() }
 }
+
+/// `GET path` on the admin listener (`admin` as in [`Daemon::admin`]): status code and body.
+pub fn http_get(admin: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = admin.trim_start_matches("http://").trim_end_matches('/');
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).unwrap();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (code, body.to_owned())
+}
