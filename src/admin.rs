@@ -25,17 +25,47 @@ pub enum AdminError {
     NotLoopback(SocketAddr),
 }
 
-/// Set once the daemon serves; cleared when it shuts down.
+/// A component's say in readiness: `Ok(status line)` when it is fine, `Err(reason)` when the
+/// daemon should not count as ready (it may still serve what it can).
+pub type ReadinessCheck = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+/// Set once the daemon serves; cleared when it shuts down. Components add checks that can
+/// hold readiness back (a pod source that is unreachable, for example).
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    serving: Arc<AtomicBool>,
+    checks: Arc<std::sync::Mutex<Vec<ReadinessCheck>>>,
+}
 
 impl Readiness {
-    /// Marks the daemon ready (or not).
+    /// Marks the daemon serving (or not).
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+        self.serving.store(ready, Ordering::SeqCst);
     }
-    fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+
+    /// Adds a check consulted by every `/readyz`.
+    pub fn add_check(&self, check: ReadinessCheck) {
+        self.checks.lock().expect("readiness checks").push(check);
+    }
+
+    /// Ready or not, with one line per check.
+    fn evaluate(&self) -> (bool, String) {
+        let mut ready = self.serving.load(Ordering::SeqCst);
+        let mut body = String::from(if ready { "ready\n" } else { "not ready\n" });
+        let checks = self.checks.lock().expect("readiness checks").clone();
+        for check in checks {
+            match check() {
+                Ok(line) => body += &format!("{line}\n"),
+                Err(line) => {
+                    ready = false;
+                    body += &format!("{line}\n");
+                }
+            }
+        }
+        if !ready && body.starts_with("ready") {
+            body.replace_range(.."ready".len(), "not ready");
+        }
+        (ready, body)
     }
 }
 
@@ -83,10 +113,9 @@ pub async fn spawn(
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    if s.ready.get() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    match s.ready.evaluate() {
+        (true, body) => (StatusCode::OK, body),
+        (false, body) => (StatusCode::SERVICE_UNAVAILABLE, body),
     }
 }
 
@@ -111,4 +140,36 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
 
 async fn config_dump(State(s): State<AppState>) -> impl IntoResponse {
     axum::Json((*s.config).clone())
+}
+
+#[cfg(test)]
+mod readiness_tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_check_holds_readiness_back_and_says_why() {
+        let r = Readiness::default();
+        assert_eq!(r.evaluate(), (false, "not ready\n".into()));
+        r.set(true);
+        let up = Arc::new(AtomicBool::new(true));
+        let u = up.clone();
+        r.add_check(Arc::new(move || {
+            if u.load(Ordering::SeqCst) {
+                Ok("pods: api source up, 3 known pods".into())
+            } else {
+                Err("pods: api source unreachable; serving 3 known pods".into())
+            }
+        }));
+        assert_eq!(
+            r.evaluate(),
+            (true, "ready\npods: api source up, 3 known pods\n".into())
+        );
+        up.store(false, Ordering::SeqCst);
+        let (ready, body) = r.evaluate();
+        assert!(!ready);
+        assert_eq!(
+            body,
+            "not ready\npods: api source unreachable; serving 3 known pods\n"
+        );
+    }
 }
