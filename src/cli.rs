@@ -109,6 +109,14 @@ pub enum X509Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Decode a certificate offline: SPIFFE ID, validity, issuer, key, composite identity.
+    Inspect {
+        /// PEM (one or more certificates, leaf first) or DER file; `-` reads stdin.
+        input: String,
+        /// Machine-readable JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,6 +141,14 @@ pub enum JwtCommand {
         audience: String,
         /// The token (`-` reads it from stdin).
         token: String,
+    },
+    /// Decode a token offline, without verifying it: header, claims, composite identity.
+    Inspect {
+        /// The token (`-` reads it from stdin).
+        token: String,
+        /// Machine-readable JSON output.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -13,6 +13,7 @@ use crate::audit::{VerifyOptions, verify_file};
 use crate::cli::ClientArgs;
 use crate::client::{self, Client};
 use crate::crypto::x509::{CertInfo, split_der_chain, to_pem};
+use crate::inspect;
 
 async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
     let path = client::socket_path(args.socket.as_deref())?;
@@ -239,13 +240,7 @@ pub async fn jwt_fetch(
 
 /// `agentid jwt validate`.
 pub async fn jwt_validate(args: ClientArgs, audience: String, token: String) -> anyhow::Result<()> {
-    let token = if token == "-" {
-        let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s)?;
-        s.trim().to_owned()
-    } else {
-        token
-    };
+    let token = read_token(&token)?;
     let mut client = connect(&args).await?;
     let resp = client
         .validate_jwtsvid(crate::api::workload::ValidateJwtsvidRequest {
@@ -264,6 +259,55 @@ pub async fn jwt_validate(args: ClientArgs, audience: String, token: String) -> 
     } else {
         println!("valid: {}", resp.spiffe_id);
         println!("{}", serde_json::to_string_pretty(&claims)?);
+    }
+    Ok(())
+}
+
+/// The token argument, or stdin for `-`.
+fn read_token(arg: &str) -> anyhow::Result<String> {
+    if arg != "-" {
+        return Ok(arg.to_owned());
+    }
+    let mut s = String::new();
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .context("reading the token from stdin")?;
+    Ok(s.trim().to_owned())
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// `agentid x509 inspect`: decodes a certificate offline.
+pub fn x509_inspect(input: &str, json: bool) -> anyhow::Result<()> {
+    let (name, data) = if input == "-" {
+        let mut data = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut data)
+            .context("reading stdin")?;
+        ("(stdin)".to_owned(), data)
+    } else {
+        let data = std::fs::read(input).with_context(|| format!("reading {input}"))?;
+        (input.to_owned(), data)
+    };
+    let report = inspect::inspect_x509(&data, unix_now()).context(name)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", inspect::x509_text(&report));
+    }
+    Ok(())
+}
+
+/// `agentid jwt inspect`: decodes a token offline, without verifying it.
+pub fn jwt_inspect(token: &str, json: bool) -> anyhow::Result<()> {
+    let token = read_token(token)?;
+    let report = inspect::inspect_jwt(&token, unix_now())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", inspect::jwt_text(&report));
     }
     Ok(())
 }

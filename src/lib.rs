@@ -12,6 +12,7 @@ pub mod client;
 pub mod commands;
 pub mod composite;
 pub mod crypto;
+pub mod inspect;
 pub mod metrics;
 pub mod node;
 pub mod policy;

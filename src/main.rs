@@ -76,6 +76,12 @@ async fn run(command: Command) -> Result<(), Failure> {
         Command::X509(X509Command::Fetch { client, out }) => {
             Ok(commands::x509_fetch(client, out.as_deref()).await?)
         }
+        Command::X509(X509Command::Inspect { input, json }) => {
+            Ok(commands::x509_inspect(&input, json)?)
+        }
+        Command::Jwt(JwtCommand::Inspect { token, json }) => {
+            Ok(commands::jwt_inspect(&token, json)?)
+        }
         Command::Jwt(JwtCommand::Fetch {
             client,
             audience,

@@ -34,6 +34,18 @@ pub struct K8sFacts {
     pub image_digest: Option<String>,
 }
 
+/// The pod annotation that declares the agent's name (the `{{ .AgentName }}` placeholder).
+pub const AGENT_NAME_ANNOTATION: &str = "agentid.dev/agent-name";
+
+impl K8sFacts {
+    /// The agent name the pod declares in [`AGENT_NAME_ANNOTATION`], if any.
+    pub fn agent_name(&self) -> Option<&str> {
+        self.pod_annotations
+            .get(AGENT_NAME_ANNOTATION)
+            .map(String::as_str)
+    }
+}
+
 /// Facts the kernel reports about a local process.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UnixFacts {

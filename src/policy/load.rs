@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::schema::{AgentIdentity, CompositeSpec, normalize_sha256};
+use super::schema::{AgentIdentity, CompositeSpec, K8sSelector, normalize_sha256};
 use super::{
     DEFAULT_JWT_TTL, DEFAULT_X509_TTL, JWT_TTL_RANGE, Policy, PolicySet, Template, X509_TTL_RANGE,
 };
@@ -137,11 +137,24 @@ fn validate(
             return Err(("spec.selector.unix.path", "must be an absolute path".into()));
         }
     }
+    if let Some(k8s) = selector.k8s.as_mut() {
+        validate_k8s_selector(k8s)?;
+    }
     let composite = spec
         .composite
         .map(validate_composite)
         .transpose()?
         .map(std::sync::Arc::new);
+    // A fixed agent name is known now, so a template it cannot fill is a load error.
+    if let Some(agent) = composite.as_ref().and_then(|c| c.agent_name.as_deref())
+        && template.uses("AgentName")
+        && let Some(reason) = super::template::segment_error(agent)
+    {
+        return Err((
+            "spec.composite.agentName",
+            format!("{agent:?} cannot fill {{{{ .AgentName }}}} in spec.spiffeID: {reason}"),
+        ));
+    }
     let x509_ttl = spec.x509_ttl.unwrap_or(DEFAULT_X509_TTL);
     if !(X509_TTL_RANGE.0..=X509_TTL_RANGE.1).contains(&x509_ttl) {
         return Err((
@@ -174,6 +187,74 @@ fn validate(
         x509_ttl,
         jwt_ttl,
     })
+}
+
+/// Checks names against Kubernetes' own rules, so a typo fails at load instead of matching
+/// nothing, and refuses empty label maps, which Kubernetes reads as "everything".
+fn validate_k8s_selector(k: &mut K8sSelector) -> Result<(), (&'static str, String)> {
+    for (field, v, ok, what) in [
+        (
+            "spec.selector.k8s.namespace",
+            &k.namespace,
+            is_dns_label as fn(&str) -> bool,
+            "a namespace name (lowercase DNS label, at most 63)",
+        ),
+        (
+            "spec.selector.k8s.serviceAccount",
+            &k.service_account,
+            is_dns_subdomain,
+            "a service account name (lowercase DNS name, at most 253)",
+        ),
+        (
+            "spec.selector.k8s.containerName",
+            &k.container_name,
+            is_dns_label,
+            "a container name (lowercase DNS label, at most 63)",
+        ),
+    ] {
+        if let Some(v) = v.as_deref().filter(|v| !ok(v)) {
+            return Err((field, format!("{v:?} is not {what}")));
+        }
+    }
+    for (field, labels) in [
+        (
+            "spec.selector.k8s.namespaceSelector.matchLabels",
+            k.namespace_selector.as_ref().map(|s| &s.match_labels),
+        ),
+        ("spec.selector.k8s.podLabels", k.pod_labels.as_ref()),
+    ] {
+        let Some(labels) = labels else { continue };
+        if labels.is_empty() {
+            return Err((
+                field,
+                "must name at least one label (an empty map would match every pod)".into(),
+            ));
+        }
+        for (key, value) in labels {
+            if !is_label_key(key) {
+                return Err((field, format!("{key:?} is not a label key ([prefix/]name)")));
+            }
+            if !value.is_empty() && !is_label_name(value) {
+                return Err((
+                    field,
+                    format!(
+                        "label {key}: {value:?} is not a label value (at most 63 of a-z A-Z 0-9 - _ ., alphanumeric at both ends)"
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(d) = k.image_digest.as_mut() {
+        let hex = d.strip_prefix("sha256:").unwrap_or_default();
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err((
+                "spec.selector.k8s.imageDigest",
+                format!("{d:?} is not a SHA-256 digest (sha256:<64 hex digits>)"),
+            ));
+        }
+        *d = format!("sha256:{}", hex.to_ascii_lowercase());
+    }
+    Ok(())
 }
 
 fn validate_composite(mut c: CompositeSpec) -> Result<CompositeSpec, (&'static str, String)> {
@@ -241,6 +322,29 @@ fn is_model(m: &str) -> bool {
 
 fn fmt(d: std::time::Duration) -> humantime::FormattedDuration {
     humantime::format_duration(d)
+}
+
+/// RFC 1123 label, as Kubernetes names namespaces and containers.
+fn is_dns_label(s: &str) -> bool {
+    s.len() <= 63 && !s.contains('.') && is_dns_subdomain(s)
+}
+
+/// A label key: `[prefix/]name`, the prefix a DNS subdomain.
+fn is_label_key(s: &str) -> bool {
+    match s.split_once('/') {
+        Some((prefix, name)) => is_dns_subdomain(prefix) && is_label_name(name),
+        None => is_label_name(s),
+    }
+}
+
+/// A label name or non-empty value: at most 63, alphanumeric at both ends, `-_.` inside.
+fn is_label_name(s: &str) -> bool {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    s.len() <= 63
+        && alnum(s.chars().next())
+        && alnum(s.chars().last())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn is_dns_subdomain(s: &str) -> bool {
@@ -468,5 +572,179 @@ spec:
             load_paths(&[dir.path().join("missing.yaml")], &td()),
             Err(PolicyError::Io { .. })
         ));
+    }
+
+    const POD: &str = r#"
+apiVersion: agentid.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: refund}
+spec:
+  spiffeID: "spiffe://{{ .TrustDomain }}/ns/{{ .Namespace }}/sa/{{ .ServiceAccount }}/agent/{{ .AgentName }}"
+  selector:
+    k8s:
+      namespace: payments
+      namespaceSelector: {matchLabels: {team: pay}}
+      serviceAccount: refund-agent
+      podLabels: {app.kubernetes.io/name: refund, tier: agent}
+      containerName: agent
+      imageDigest: "sha256:ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB"
+"#;
+
+    #[test]
+    fn k8s_selector_loads_and_is_normalised() {
+        let p = parse_documents("f.yaml", POD, &td()).unwrap().remove(0);
+        let k = p.selector.k8s.expect("k8s part");
+        assert_eq!(k.namespace.as_deref(), Some("payments"));
+        assert_eq!(k.namespace_selector.unwrap().match_labels["team"], "pay");
+        assert_eq!(k.service_account.as_deref(), Some("refund-agent"));
+        assert_eq!(k.pod_labels.unwrap().len(), 2);
+        assert_eq!(k.container_name.as_deref(), Some("agent"));
+        assert_eq!(
+            k.image_digest.unwrap(),
+            format!("sha256:{}", "ab".repeat(32)),
+            "hex lowercased"
+        );
+        assert!(p.selector.unix.is_none());
+    }
+
+    #[test]
+    fn k8s_selector_errors_name_the_field() {
+        let second = |from: &str, to: &str| {
+            let doc = POD.replace("name: refund}", "name: refund-2}");
+            assert!(doc.contains(from), "{from}");
+            err(&format!("{POD}---\n{}", doc.replace(from, to)))
+        };
+        for (from, to, want) in [
+            (
+                "imageDigest: \"sha256:",
+                "imageDigest: \"md5:",
+                "f.yaml: document 2: spec.selector.k8s.imageDigest: \"md5:",
+            ),
+            (
+                "imageDigest: \"sha256:AB",
+                "imageDigest: \"sha256:",
+                "f.yaml: document 2: spec.selector.k8s.imageDigest: ",
+            ),
+            (
+                "namespace: payments",
+                "namespace: Payments",
+                "f.yaml: document 2: spec.selector.k8s.namespace: \"Payments\" is not a namespace name",
+            ),
+            (
+                "namespace: payments",
+                "namespace: a/b",
+                "f.yaml: document 2: spec.selector.k8s.namespace: \"a/b\" is not",
+            ),
+            (
+                "serviceAccount: refund-agent",
+                "serviceAccount: refund_agent",
+                "f.yaml: document 2: spec.selector.k8s.serviceAccount: \"refund_agent\" is not",
+            ),
+            (
+                "containerName: agent",
+                "containerName: \"\"",
+                "f.yaml: document 2: spec.selector.k8s.containerName: \"\" is not",
+            ),
+            (
+                "podLabels: {app.kubernetes.io/name: refund, tier: agent}",
+                "podLabels: {}",
+                "f.yaml: document 2: spec.selector.k8s.podLabels: must name at least one label",
+            ),
+            (
+                "tier: agent}",
+                "tier: -agent}",
+                "f.yaml: document 2: spec.selector.k8s.podLabels: label tier: \"-agent\" is not a label value",
+            ),
+            (
+                "tier: agent}",
+                "\"bad key!\": agent}",
+                "f.yaml: document 2: spec.selector.k8s.podLabels: \"bad key!\" is not a label key",
+            ),
+            (
+                "{matchLabels: {team: pay}}",
+                "{matchLabels: {}}",
+                "f.yaml: document 2: spec.selector.k8s.namespaceSelector.matchLabels: must name at least one label",
+            ),
+            (
+                "{matchLabels: {team: pay}}",
+                "{matchExpressions: []}",
+                "f.yaml: document 2: spec.selector.k8s.namespaceSelector.matchExpressions: unknown field",
+            ),
+            (
+                "containerName: agent",
+                "container: agent",
+                "f.yaml: document 2: spec.selector.k8s.container: unknown field `container`",
+            ),
+        ] {
+            let e = second(from, to);
+            assert!(e.starts_with(want), "{to}: {e}");
+        }
+    }
+
+    #[test]
+    fn empty_k8s_selector_is_an_empty_selector() {
+        let doc = |selector: &str| {
+            GOOD.replace(
+                "unix: {uid: 1000, sha256: \"ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef0123456789\"}",
+                selector,
+            )
+        };
+        let e = err(&doc("k8s: {}"));
+        assert!(
+            e.contains("document 1: spec.selector: must name at least one attribute"),
+            "{e}"
+        );
+        let e = err(&doc("{unix: {}, k8s: {}}"));
+        assert!(e.contains("spec.selector: must name at least one"), "{e}");
+        assert!(
+            parse_documents(
+                "f.yaml",
+                &doc("{unix: {uid: 1}, k8s: {namespace: a}}"),
+                &td()
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn k8s_placeholders_load_without_a_k8s_selector() {
+        let doc = GOOD.replace("/myservice\"", "/ns/{{ .Namespace }}/pod/{{ .PodUID }}\"");
+        assert!(parse_documents("f.yaml", &doc, &td()).is_ok());
+        // A template that no caller could fill is still refused.
+        let doc = GOOD.replace("/myservice\"", "/ns-{{ .Namespace }}/%\"");
+        let e = err(&doc);
+        assert!(
+            e.contains("spec.spiffeID: result is not a valid SPIFFE ID"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_fixed_agent_name_must_fit_the_template() {
+        let doc = GOOD.replace("/myservice\"", "/agent/{{ .AgentName }}\"");
+        assert!(
+            parse_documents(
+                "f.yaml",
+                &format!("{doc}  composite: {{agentName: refund}}\n"),
+                &td()
+            )
+            .is_ok()
+        );
+        let e = err(&format!(
+            "{doc}  composite: {{agentName: \"refund agent\"}}\n"
+        ));
+        assert!(
+            e.starts_with("f.yaml: document 1: spec.composite.agentName: \"refund agent\" cannot fill {{ .AgentName }}"),
+            "{e}"
+        );
+        // Not used by the template: any printable name is fine.
+        assert!(
+            parse_documents(
+                "f.yaml",
+                &format!("{GOOD}  composite: {{agentName: \"refund agent\"}}\n"),
+                &td()
+            )
+            .is_ok()
+        );
     }
 }

@@ -6,10 +6,11 @@ mod load;
 mod schema;
 mod template;
 
-pub use facts::{K8sFacts, UnixFacts, WorkloadFacts};
+pub use facts::{AGENT_NAME_ANNOTATION, K8sFacts, UnixFacts, WorkloadFacts};
 pub use load::{PolicyError, load_paths, parse_documents};
 pub use schema::{
-    AgentIdentity, Attested, CompositeSpec, Metadata, PinMismatch, Selector, Spec, UnixSelector,
+    AgentIdentity, Attested, CompositeSpec, K8sSelector, LabelSelector, Metadata, PinMismatch,
+    Selector, Spec, UnixSelector,
 };
 pub use template::{PLACEHOLDERS, Template, TemplateError};
 
@@ -91,7 +92,8 @@ impl PolicySet {
             if !p.selector.matches(facts) {
                 continue;
             }
-            let id = match p.spiffe_id.render_id(td, &p.name, facts) {
+            let agent_name = p.composite.as_ref().and_then(|c| c.agent_name.as_deref());
+            let id = match p.spiffe_id.render_id(td, &p.name, agent_name, facts) {
                 Ok(id) => id,
                 Err(e) => {
                     errors.push((p.name.clone(), e));
@@ -143,6 +145,7 @@ impl PolicySet {
                     uid: Some(uid),
                     ..Default::default()
                 }),
+                k8s: None,
             },
             x509_ttl: DEFAULT_X509_TTL,
             jwt_ttl: DEFAULT_JWT_TTL,
@@ -229,5 +232,66 @@ spec:
             odd.entitlements(&td, &facts(7)).0[0].spiffe_id.to_string(),
             "spiffe://td/uid/7"
         );
+    }
+
+    #[test]
+    fn k8s_policies_match_pods_and_name_them() {
+        let yaml = r#"
+apiVersion: agentid.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: pod-agent}
+spec:
+  spiffeID: "spiffe://{{ .TrustDomain }}/ns/{{ .Namespace }}/sa/{{ .ServiceAccount }}/agent/{{ .AgentName }}"
+  selector: {k8s: {namespace: payments, podLabels: {app: refund}}}
+---
+apiVersion: agentid.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: host-agent}
+spec:
+  spiffeID: "spiffe://{{ .TrustDomain }}/host/agent/{{ .AgentName }}"
+  selector: {unix: {uid: 1000}}
+  composite: {agentName: local-refund}
+"#;
+        let td = TrustDomain::new("td").unwrap();
+        let set = PolicySet::new(parse_documents("k.yaml", yaml, &td).unwrap());
+        let mut pod = facts(1000);
+        pod.k8s = Some(K8sFacts {
+            namespace: "payments".into(),
+            service_account: "refund-sa".into(),
+            pod_labels: [("app".to_owned(), "refund".to_owned())].into(),
+            pod_annotations: [(AGENT_NAME_ANNOTATION.to_owned(), "refund".to_owned())].into(),
+            ..Default::default()
+        });
+        let (ents, errs) = set.entitlements(&td, &pod);
+        assert!(errs.is_empty(), "{errs:?}");
+        let ids: Vec<String> = ents.iter().map(|e| e.spiffe_id.to_string()).collect();
+        assert_eq!(
+            ids,
+            [
+                "spiffe://td/ns/payments/sa/refund-sa/agent/refund",
+                "spiffe://td/host/agent/refund"
+            ],
+            "in a pod, the pod's annotation names the agent"
+        );
+
+        let (ents, errs) = set.entitlements(&td, &facts(1000));
+        let ids: Vec<String> = ents.iter().map(|e| e.spiffe_id.to_string()).collect();
+        assert_eq!(ids, ["spiffe://td/host/agent/local-refund"]);
+        assert!(
+            errs.is_empty(),
+            "the pod policy does not match a host process"
+        );
+
+        // A pod whose namespace cannot be a path segment gets no identity from the template.
+        pod.k8s.as_mut().unwrap().namespace = "a/b".into();
+        let mut open = set.policies()[0].clone();
+        open.selector.k8s.as_mut().unwrap().namespace = None;
+        let (ents, errs) = PolicySet::new(vec![open]).entitlements(&td, &pod);
+        assert!(ents.is_empty());
+        assert!(matches!(
+            errs.as_slice(),
+            [(name, TemplateError::BadValue { name: "Namespace", .. })] if name == "pod-agent"
+        ));
+        assert!(!set.needs_user_name());
     }
 }

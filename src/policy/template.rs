@@ -2,32 +2,58 @@
 //!
 //! Only the documented placeholders exist; anything else is an error when the policy loads,
 //! not when a workload first matches it.
+//!
+//! Every value must be one whole SPIFFE ID path segment (`a-z A-Z 0-9 . - _`, not `.` or
+//! `..`): values such as a user name, a namespace or a pod annotation come from outside the
+//! policy, and a `/` or `%2F` in one must fail the render rather than name another identity.
 
-use super::facts::WorkloadFacts;
+use std::collections::BTreeMap;
+
+use super::facts::{K8sFacts, UnixFacts, WorkloadFacts};
 use crate::spiffe::{IdError, SpiffeId, TrustDomain};
 
 /// The placeholders a template may use, with what they stand for.
-pub const PLACEHOLDERS: [(&str, &str); 5] = [
+pub const PLACEHOLDERS: [(&str, &str); 13] = [
     ("TrustDomain", "the trust domain name"),
     ("PolicyName", "metadata.name of the policy"),
     ("UID", "the caller's user id"),
     ("GID", "the caller's primary group id"),
     ("UserName", "the caller's user name"),
+    ("Namespace", "the caller's pod namespace"),
+    ("ServiceAccount", "the caller's pod service account"),
+    ("PodName", "the caller's pod name"),
+    ("PodUID", "the caller's pod UID"),
+    ("NodeName", "the node the caller's pod runs on"),
+    ("ContainerName", "the caller's container name"),
+    ("ClusterName", "the node daemon's --cluster-name"),
+    (
+        "AgentName",
+        "a pod's agentid.dev/agent-name annotation; outside pods, spec.composite.agentName",
+    ),
 ];
+
+/// `TrustDomain, PolicyName, …`, for messages.
+fn known_placeholders() -> String {
+    PLACEHOLDERS.map(|(name, _)| name).join(", ")
+}
 
 /// Why a template is not usable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TemplateError {
     #[error("unterminated placeholder (missing \"}}}}\")")]
     Unterminated,
-    #[error(
-        "unknown placeholder {{{{ .{0} }}}}; known: TrustDomain, PolicyName, UID, GID, UserName"
-    )]
+    #[error("unknown placeholder {{{{ .{0} }}}}; known: {known}", known = known_placeholders())]
     Unknown(String),
     #[error("placeholder must look like {{{{ .Name }}}}, found {{{{{0}}}}}")]
     Syntax(String),
     #[error("placeholder {0} has no value for this workload")]
     NoValue(&'static str),
+    #[error("placeholder {name} value {value:?} is not one SPIFFE ID path segment: {reason}")]
+    BadValue {
+        name: &'static str,
+        value: String,
+        reason: IdError,
+    },
     #[error("result is not a valid SPIFFE ID: {0}")]
     InvalidId(IdError),
     #[error("result {0} is in another trust domain")]
@@ -92,19 +118,32 @@ impl Template {
         &self.source
     }
 
-    /// Renders with the workload's facts and checks the result is a workload ID in `td`.
+    /// Renders for a caller with `facts`, matched by the policy named `policy` whose
+    /// `spec.composite.agentName` is `agent_name`, and checks the result is a workload ID in `td`.
     pub fn render_id(
         &self,
         td: &TrustDomain,
         policy: &str,
+        agent_name: Option<&str>,
         facts: &WorkloadFacts,
     ) -> Result<SpiffeId, TemplateError> {
         let mut out = String::new();
         for piece in &self.pieces {
             match piece {
                 Piece::Lit(s) => out.push_str(s),
-                Piece::Var(name) => out
-                    .push_str(&value(name, td, policy, facts).ok_or(TemplateError::NoValue(name))?),
+                Piece::Var(name) => {
+                    let v = value(name, td, policy, agent_name, facts)
+                        .filter(|v| !v.is_empty())
+                        .ok_or(TemplateError::NoValue(name))?;
+                    if let Some(reason) = segment_error(&v) {
+                        return Err(TemplateError::BadValue {
+                            name,
+                            value: v,
+                            reason,
+                        });
+                    }
+                    out.push_str(&v);
+                }
             }
         }
         let id: SpiffeId = out.parse().map_err(TemplateError::InvalidId)?;
@@ -117,31 +156,80 @@ impl Template {
         Ok(id)
     }
 
-    /// Renders with sample values, to catch templates that can never yield a valid ID.
+    /// Renders with sample values for every placeholder (a pod caller with unix facts too), to
+    /// catch templates that can never yield a valid ID.
     pub fn check(&self, td: &TrustDomain, policy: &str) -> Result<SpiffeId, TemplateError> {
-        let sample = WorkloadFacts {
-            unix: Some(super::UnixFacts {
-                uid: 1000,
-                gid: 1000,
-                user_name: Some("user".into()),
-                ..Default::default()
-            }),
-            k8s: None,
-        };
-        self.render_id(td, policy, &sample)
+        self.render_id(td, policy, None, &sample_facts())
     }
 }
 
-fn value(name: &str, td: &TrustDomain, policy: &str, facts: &WorkloadFacts) -> Option<String> {
+/// A caller for which every placeholder has a value.
+fn sample_facts() -> WorkloadFacts {
+    WorkloadFacts {
+        unix: Some(UnixFacts {
+            uid: 1000,
+            gid: 1000,
+            user_name: Some("user".into()),
+            ..Default::default()
+        }),
+        k8s: Some(K8sFacts {
+            cluster: "cluster".into(),
+            node_name: "node".into(),
+            namespace: "namespace".into(),
+            service_account: "serviceaccount".into(),
+            pod_name: "pod".into(),
+            pod_uid: "00000000-0000-0000-0000-000000000000".into(),
+            pod_annotations: BTreeMap::from([(
+                super::facts::AGENT_NAME_ANNOTATION.to_owned(),
+                "agent".to_owned(),
+            )]),
+            container_name: "container".into(),
+            ..Default::default()
+        }),
+    }
+}
+
+fn value(
+    name: &str,
+    td: &TrustDomain,
+    policy: &str,
+    agent_name: Option<&str>,
+    facts: &WorkloadFacts,
+) -> Option<String> {
     let unix = facts.unix.as_ref();
+    let k8s = facts.k8s.as_ref();
+    let pod = |f: fn(&K8sFacts) -> &String| k8s.map(|k| f(k).clone());
     match name {
         "TrustDomain" => Some(td.to_string()),
         "PolicyName" => Some(policy.to_owned()),
         "UID" => unix.map(|u| u.uid.to_string()),
         "GID" => unix.map(|u| u.gid.to_string()),
         "UserName" => unix.and_then(|u| u.user_name.clone()),
+        "Namespace" => pod(|k| &k.namespace),
+        "ServiceAccount" => pod(|k| &k.service_account),
+        "PodName" => pod(|k| &k.pod_name),
+        "PodUID" => pod(|k| &k.pod_uid),
+        "NodeName" => pod(|k| &k.node_name),
+        "ContainerName" => pod(|k| &k.container_name),
+        "ClusterName" => pod(|k| &k.cluster),
+        // A pod declares its own agent name, as it declares the rest of its composite identity;
+        // the policy's declaration stands in only where there is no pod.
+        "AgentName" => match k8s {
+            Some(k) => k.agent_name().map(str::to_owned),
+            None => agent_name.map(str::to_owned),
+        },
         _ => None,
     }
+}
+
+/// Why `v` is not one whole path segment, if it is not.
+pub(super) fn segment_error(v: &str) -> Option<IdError> {
+    if v == "." || v == ".." {
+        return Some(IdError::DotSegment);
+    }
+    v.chars()
+        .find(|c| !matches!(c, 'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '-' | '_'))
+        .map(IdError::BadPathChar)
 }
 
 #[cfg(test)]
@@ -190,5 +278,196 @@ mod tests {
             bad.check(&td, "p"),
             Err(TemplateError::InvalidId(_))
         ));
+    }
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("td").unwrap()
+    }
+
+    fn pod_caller() -> WorkloadFacts {
+        let mut f = sample_facts();
+        let k = f.k8s.as_mut().unwrap();
+        k.cluster = "prod-eu1".into();
+        k.node_name = "node-a".into();
+        k.namespace = "payments".into();
+        k.service_account = "refund-sa".into();
+        k.pod_name = "refund-7c9d".into();
+        k.pod_uid = "0b9a4f2e-1c1d-4a5b-9e0f-2d3c4b5a6978".into();
+        k.container_name = "agent".into();
+        k.pod_annotations.insert(
+            super::super::facts::AGENT_NAME_ANNOTATION.into(),
+            "refund".into(),
+        );
+        f
+    }
+
+    fn host_caller() -> WorkloadFacts {
+        WorkloadFacts {
+            k8s: None,
+            ..sample_facts()
+        }
+    }
+
+    fn render(t: &str, agent: Option<&str>, f: &WorkloadFacts) -> Result<String, TemplateError> {
+        Template::parse(t)
+            .unwrap()
+            .render_id(&td(), "pol", agent, f)
+            .map(|id| id.to_string())
+    }
+
+    #[test]
+    fn every_k8s_placeholder_renders() {
+        for (name, want) in [
+            ("Namespace", "payments"),
+            ("ServiceAccount", "refund-sa"),
+            ("PodName", "refund-7c9d"),
+            ("PodUID", "0b9a4f2e-1c1d-4a5b-9e0f-2d3c4b5a6978"),
+            ("NodeName", "node-a"),
+            ("ContainerName", "agent"),
+            ("ClusterName", "prod-eu1"),
+            ("AgentName", "refund"),
+        ] {
+            let t = format!("spiffe://{{{{ .TrustDomain }}}}/x/{{{{ .{name} }}}}");
+            assert_eq!(
+                render(&t, None, &pod_caller()).as_deref(),
+                Ok(format!("spiffe://td/x/{want}").as_str()),
+                "{name}"
+            );
+            assert!(Template::parse(&t).unwrap().uses(name));
+        }
+        assert_eq!(
+            render(
+                "spiffe://{{ .TrustDomain }}/ns/{{ .Namespace }}/sa/{{ .ServiceAccount }}/agent/{{ .AgentName }}",
+                None,
+                &pod_caller()
+            )
+            .as_deref(),
+            Ok("spiffe://td/ns/payments/sa/refund-sa/agent/refund")
+        );
+    }
+
+    #[test]
+    fn agent_name_comes_from_the_pod_in_a_pod_and_from_the_policy_outside() {
+        let t = "spiffe://{{ .TrustDomain }}/agent/{{ .AgentName }}";
+        assert_eq!(
+            render(t, Some("from-policy"), &pod_caller()).as_deref(),
+            Ok("spiffe://td/agent/refund"),
+            "the pod's annotation wins"
+        );
+        assert_eq!(
+            render(t, Some("from-policy"), &host_caller()).as_deref(),
+            Ok("spiffe://td/agent/from-policy")
+        );
+        assert_eq!(
+            render(t, None, &host_caller()),
+            Err(TemplateError::NoValue("AgentName"))
+        );
+        let mut unannotated = pod_caller();
+        unannotated.k8s.as_mut().unwrap().pod_annotations.clear();
+        assert_eq!(
+            render(t, Some("from-policy"), &unannotated),
+            Err(TemplateError::NoValue("AgentName")),
+            "a pod that declares no name gets none from the policy"
+        );
+    }
+
+    #[test]
+    fn k8s_placeholders_have_no_value_outside_a_pod() {
+        for name in [
+            "Namespace",
+            "ServiceAccount",
+            "PodName",
+            "PodUID",
+            "NodeName",
+            "ContainerName",
+            "ClusterName",
+        ] {
+            let t = format!("spiffe://{{{{ .TrustDomain }}}}/x/{{{{ .{name} }}}}");
+            assert_eq!(
+                render(&t, None, &host_caller()),
+                Err(TemplateError::NoValue(name)),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn values_cannot_inject_path_segments() {
+        let t = "spiffe://{{ .TrustDomain }}/ns/{{ .Namespace }}/sa/x";
+        for evil in [
+            "a/b", "..", ".", "%2F", "a%2Fb", "a b", "a\nb", "ns/../x", "é", "a?b", "a#b", "/",
+        ] {
+            let mut f = pod_caller();
+            f.k8s.as_mut().unwrap().namespace = evil.into();
+            let got = render(t, None, &f);
+            assert!(
+                matches!(got, Err(TemplateError::BadValue { name: "Namespace", ref value, .. }) if value == evil),
+                "{evil:?}: {got:?}"
+            );
+        }
+        let mut empty = pod_caller();
+        empty.k8s.as_mut().unwrap().namespace = String::new();
+        assert_eq!(
+            render(t, None, &empty),
+            Err(TemplateError::NoValue("Namespace"))
+        );
+        // The same holds for the other outside-controlled values.
+        let mut f = pod_caller();
+        f.k8s.as_mut().unwrap().pod_annotations.insert(
+            super::super::facts::AGENT_NAME_ANNOTATION.into(),
+            "a/admin".into(),
+        );
+        assert!(matches!(
+            render(
+                "spiffe://{{ .TrustDomain }}/agent/{{ .AgentName }}",
+                None,
+                &f
+            ),
+            Err(TemplateError::BadValue {
+                name: "AgentName",
+                ..
+            })
+        ));
+        let mut f = host_caller();
+        f.unix.as_mut().unwrap().user_name = Some("../root".into());
+        assert!(matches!(
+            render("spiffe://{{ .TrustDomain }}/u/{{ .UserName }}", None, &f),
+            Err(TemplateError::BadValue {
+                name: "UserName",
+                ..
+            })
+        ));
+        assert!(matches!(
+            render(
+                "spiffe://{{ .TrustDomain }}/a/{{ .AgentName }}",
+                Some(".."),
+                &host_caller()
+            ),
+            Err(TemplateError::BadValue {
+                reason: IdError::DotSegment,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn unknown_placeholder_lists_every_known_one() {
+        let msg = Template::parse("spiffe://{{ .Nope }}/x")
+            .unwrap_err()
+            .to_string();
+        for (name, _) in PLACEHOLDERS {
+            assert!(msg.contains(name), "{msg} lacks {name}");
+        }
+        assert!(msg.starts_with("unknown placeholder {{ .Nope }}; known: TrustDomain, PolicyName"));
+    }
+
+    #[test]
+    fn check_has_sample_values_for_every_placeholder() {
+        let all: String = PLACEHOLDERS
+            .iter()
+            .map(|(n, _)| format!("/{{{{ .{n} }}}}"))
+            .collect();
+        let t = Template::parse(&format!("spiffe://{{{{ .TrustDomain }}}}{all}")).unwrap();
+        assert!(t.check(&td(), "pol").is_ok());
     }
 }
