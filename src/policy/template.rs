@@ -213,11 +213,11 @@ fn value(
         "ContainerName" => pod(|k| &k.container_name),
         "ClusterName" => pod(|k| &k.cluster),
         // A pod declares its own agent name, as it declares the rest of its composite identity;
-        // the policy's declaration stands in only where there is no pod.
-        "AgentName" => match k8s {
-            Some(k) => k.agent_name().map(str::to_owned),
-            None => agent_name.map(str::to_owned),
-        },
+        // the policy's declaration fills in what the pod leaves out, as in the composite.
+        "AgentName" => k8s
+            .and_then(|k| k.agent_name())
+            .or(agent_name)
+            .map(str::to_owned),
         _ => None,
     }
 }
@@ -347,7 +347,7 @@ mod tests {
     }
 
     #[test]
-    fn agent_name_comes_from_the_pod_in_a_pod_and_from_the_policy_outside() {
+    fn agent_name_comes_from_the_pod_then_from_the_policy() {
         let t = "spiffe://{{ .TrustDomain }}/agent/{{ .AgentName }}";
         assert_eq!(
             render(t, Some("from-policy"), &pod_caller()).as_deref(),
@@ -365,9 +365,13 @@ mod tests {
         let mut unannotated = pod_caller();
         unannotated.k8s.as_mut().unwrap().pod_annotations.clear();
         assert_eq!(
-            render(t, Some("from-policy"), &unannotated),
-            Err(TemplateError::NoValue("AgentName")),
-            "a pod that declares no name gets none from the policy"
+            render(t, Some("from-policy"), &unannotated).as_deref(),
+            Ok("spiffe://td/agent/from-policy"),
+            "a pod that declares no name gets the policy's, as its composite does"
+        );
+        assert_eq!(
+            render(t, None, &unannotated),
+            Err(TemplateError::NoValue("AgentName"))
         );
     }
 
