@@ -4,6 +4,7 @@ pub mod cache;
 pub mod composite;
 pub mod h2_authority;
 pub mod issuer;
+pub mod k8s;
 pub mod peer;
 pub mod policy_watch;
 pub mod uds;
