@@ -459,6 +459,11 @@ impl PodIndex {
         self.inner.refresh.notify_one();
     }
 
+    /// Resolves when someone asked for an early poll.
+    pub(crate) async fn refresh_requested(&self) {
+        self.inner.refresh.notified().await;
+    }
+
     fn set_synced(&self, stream: Stream) {
         for s in self.lock_status().iter_mut().filter(|s| s.stream == stream) {
             s.synced = true;
