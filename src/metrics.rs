@@ -53,6 +53,10 @@ pub struct NodeMetrics {
     pub policy_reload_failures: Counter,
     /// Open streams whose composite identity changed under them (config drift).
     pub composite_drifts: Counter,
+    /// Pods in the node's pod index.
+    pub pod_index_pods: Gauge,
+    /// 1 while every stream of the pod source answers, else 0 (known pods still resolve).
+    pub pod_source_up: Gauge,
 }
 
 impl NodeMetrics {
@@ -70,6 +74,8 @@ impl NodeMetrics {
             svid_expiry: Family::default(),
             policy_reload_failures: Counter::default(),
             composite_drifts: Counter::default(),
+            pod_index_pods: Gauge::default(),
+            pod_source_up: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("agentid_node");
         r.register(
@@ -116,6 +122,16 @@ impl NodeMetrics {
             "policy_reload_failures",
             "Policy reloads refused",
             m.policy_reload_failures.clone(),
+        );
+        r.register(
+            "pod_index_pods",
+            "Pods in the node's pod index",
+            m.pod_index_pods.clone(),
+        );
+        r.register(
+            "pod_source_up",
+            "Whether the pod source (API server or kubelet) answers (1) or not (0)",
+            m.pod_source_up.clone(),
         );
         m
     }

@@ -5,6 +5,7 @@ pub mod composite;
 pub mod drift;
 pub mod h2_authority;
 pub mod issuer;
+pub mod k8s;
 pub mod peer;
 pub mod policy_watch;
 pub mod uds;

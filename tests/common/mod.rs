@@ -2,6 +2,8 @@
 //! on a private socket, state directory and admin port.
 #![allow(dead_code)]
 
+pub mod k8s;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
