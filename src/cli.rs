@@ -32,7 +32,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a whole trust domain on this machine: authority and Workload API in one process.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// X509-SVIDs from the Workload API.
     #[command(subcommand)]
     X509(X509Command),
@@ -81,6 +81,97 @@ pub struct UpArgs {
     /// behind inotify (e.g. 30s, 5m).
     #[arg(long, env = "AGENTID_REHASH_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub rehash_interval: std::time::Duration,
+    #[command(flatten)]
+    pub k8s: K8sArgs,
+}
+
+/// How callers are attested.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttestorKind {
+    /// Local processes: uid, gid, groups, executable.
+    #[default]
+    Unix,
+    /// Processes in Kubernetes pods on this node (and local processes, by their unix facts).
+    K8s,
+}
+
+/// Kubernetes workload attestation (`--attestor k8s`).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Kubernetes attestation (--attestor k8s)")]
+pub struct K8sArgs {
+    /// How callers are attested.
+    #[arg(long, env = "AGENTID_ATTESTOR", value_enum, default_value_t = AttestorKind::Unix)]
+    pub attestor: AttestorKind,
+    /// This node's name (from the downward API: spec.nodeName).
+    #[arg(long, env = "AGENTID_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The cluster's name, as policies and composite identities state it.
+    #[arg(long, env = "AGENTID_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// Where pods are learned from: the API server (watch) or this node's kubelet (poll).
+    #[arg(long, env = "AGENTID_POD_SOURCE", value_enum, default_value_t = crate::node::k8s::PodSource::Api)]
+    pub pod_source: crate::node::k8s::PodSource,
+    /// How long a caller whose container is not in the pod index yet is waited for.
+    #[arg(long, env = "AGENTID_POD_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub pod_wait: Duration,
+    /// API server URL (default: kubeconfig or in-cluster configuration).
+    #[arg(long, env = "AGENTID_KUBE_API_URL")]
+    pub kube_api_url: Option<String>,
+    /// CA bundle (PEM) for --kube-api-url.
+    #[arg(long, env = "AGENTID_KUBE_CA_FILE")]
+    pub kube_ca_file: Option<PathBuf>,
+    /// Bearer token file for --kube-api-url (re-read as it rotates).
+    #[arg(long, env = "AGENTID_KUBE_TOKEN_FILE")]
+    pub kube_token_file: Option<PathBuf>,
+    /// The kubelet's HTTPS endpoint (--pod-source kubelet).
+    #[arg(
+        long,
+        env = "AGENTID_KUBELET_URL",
+        default_value = "https://127.0.0.1:10250"
+    )]
+    pub kubelet_url: String,
+    /// CA bundle (PEM) for the kubelet's serving certificate.
+    #[arg(long, env = "AGENTID_KUBELET_CA_FILE")]
+    pub kubelet_ca_file: Option<PathBuf>,
+    /// Bearer token file for the kubelet (re-read on every poll).
+    #[arg(long, env = "AGENTID_KUBELET_TOKEN_FILE", default_value = crate::node::k8s::config::SERVICE_ACCOUNT_TOKEN)]
+    pub kubelet_token_file: PathBuf,
+    /// Accept any kubelet certificate (insecure; logged as a warning).
+    #[arg(long, env = "AGENTID_KUBELET_INSECURE_SKIP_TLS_VERIFY")]
+    pub kubelet_insecure_skip_tls_verify: bool,
+    /// How often the kubelet's /pods is polled (a miss triggers an early poll).
+    #[arg(long, env = "AGENTID_KUBELET_POLL_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub kubelet_poll_interval: Duration,
+}
+
+impl K8sArgs {
+    /// The Kubernetes configuration, when `--attestor k8s` is chosen.
+    pub fn config(&self) -> Option<crate::node::k8s::K8sConfig> {
+        use crate::node::k8s::{ApiConfig, K8sConfig, KubeletConfig};
+        if self.attestor != AttestorKind::K8s {
+            return None;
+        }
+        Some(K8sConfig {
+            node_name: self.node_name.clone().unwrap_or_default(),
+            cluster_name: self.cluster_name.clone().unwrap_or_default(),
+            pod_source: self.pod_source,
+            api: ApiConfig {
+                url: self.kube_api_url.clone(),
+                ca_file: self.kube_ca_file.clone(),
+                token_file: self.kube_token_file.clone(),
+            },
+            kubelet: KubeletConfig {
+                url: self.kubelet_url.clone(),
+                ca_file: self.kubelet_ca_file.clone(),
+                token_file: self.kubelet_token_file.clone(),
+                insecure_skip_tls_verify: self.kubelet_insecure_skip_tls_verify,
+                poll_interval: self.kubelet_poll_interval,
+                ..KubeletConfig::default()
+            },
+            pod_wait: self.pod_wait,
+        })
+    }
 }
 
 /// Where the client finds the Workload API.

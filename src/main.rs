@@ -56,10 +56,14 @@ async fn run(command: Command) -> Result<(), Failure> {
                 admin_addr: args.admin_addr,
                 admin_allow_remote: args.admin_allow_remote,
                 rehash_interval: args.rehash_interval,
+                k8s: args.k8s.config(),
             };
             tracing::info!(config = ?config, "starting agentid up");
             let up = up::build(config).await.map_err(|e| {
-                if e.downcast_ref::<agentid::policy::PolicyError>().is_some() {
+                if e.downcast_ref::<agentid::policy::PolicyError>().is_some()
+                    || e.downcast_ref::<agentid::node::k8s::K8sConfigError>()
+                        .is_some()
+                {
                     Failure::Config(e)
                 } else {
                     Failure::Other(e)

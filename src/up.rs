@@ -15,10 +15,13 @@ use crate::admin::{self, Readiness};
 use crate::audit::AuditLog;
 use crate::metrics::NodeMetrics;
 use crate::node::attest::UnixAttestor;
+use crate::node::attest::WorkloadAttestor;
+use crate::node::attest::k8s::K8sAttestor;
 use crate::node::cache::SvidCache;
 use crate::node::composite::Composer;
 use crate::node::drift::DriftWatch;
 use crate::node::issuer::{IssueError, JwtRequest, SvidIssuer, TrustBundles, X509Request};
+use crate::node::k8s::{self as pods, K8sConfig, PodIndex, SourceHandle};
 use crate::node::uds::WorkloadSocket;
 use crate::node::workload_api::WorkloadApi;
 use crate::node::{self, policy_watch};
@@ -38,6 +41,8 @@ pub struct UpConfig {
     /// Period of the re-hash of files behind live composite identities.
     #[serde(with = "humantime_serde")]
     pub rehash_interval: std::time::Duration,
+    /// Kubernetes workload attestation; `None` attests local processes only.
+    pub k8s: Option<K8sConfig>,
 }
 
 /// The in-process issuer: the node daemon's signing requests go straight to the authority.
@@ -100,6 +105,8 @@ pub struct Up {
     socket: WorkloadSocket,
     api: WorkloadApi,
     ready: Readiness,
+    /// The pod source feeding Kubernetes attestation, stopped at shutdown.
+    pod_source: Option<SourceHandle>,
     /// Held so open streams never see the policy channel close.
     _policy_tx: watch::Sender<Arc<PolicySet>>,
 }
@@ -155,18 +162,18 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
     let composer = Arc::new(Composer::new());
     let drift = DriftWatch::new();
     spawn_rehash(config.rehash_interval, composer.clone(), drift.clone());
-    let api = WorkloadApi::new(
-        td,
-        Arc::new(UnixAttestor::new()),
-        policy_rx,
-        bundles,
-        cache,
-        audit,
-        metrics,
-    )
-    .with_composite(composer, drift);
-    let socket = WorkloadSocket::bind(&config.socket)?;
     let ready = Readiness::default();
+    let (attestor, pod_source): (Arc<dyn WorkloadAttestor>, _) = match &config.k8s {
+        None => (Arc::new(UnixAttestor::new()), None),
+        Some(k8s) => {
+            let (index, handle) = start_pod_source(k8s, &metrics, &ready, &drift).await?;
+            let attestor = K8sAttestor::new(Arc::new(index), k8s.pod_wait);
+            (Arc::new(attestor), Some(handle))
+        }
+    };
+    let api = WorkloadApi::new(td, attestor, policy_rx, bundles, cache, audit, metrics)
+        .with_composite(composer, drift);
+    let socket = WorkloadSocket::bind(&config.socket)?;
     let admin_addr = admin::spawn(
         config.admin_addr,
         config.admin_allow_remote,
@@ -181,9 +188,46 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
         socket,
         api,
         ready,
+        pod_source,
         config,
         _policy_tx: policy_tx,
     })
+}
+
+/// Starts the pod index and its source; the index's changes reach open streams (a pod that
+/// changes is re-checked), and its state is part of readiness and metrics.
+async fn start_pod_source(
+    config: &K8sConfig,
+    metrics: &NodeMetrics,
+    ready: &Readiness,
+    drift: &DriftWatch,
+) -> anyhow::Result<(PodIndex, SourceHandle)> {
+    let (index, handle) = pods::start(config).await.map_err(|e| match e {
+        pods::StartError::Config(c) => anyhow::Error::new(c),
+        other => anyhow::Error::new(other),
+    })?;
+    index.attach_metrics(metrics);
+    let i = index.clone();
+    ready.add_check(Arc::new(move || {
+        let status = i.status();
+        if status.ready() && status.up() {
+            Ok(status.summary())
+        } else {
+            Err(status.summary())
+        }
+    }));
+    let mut changes = index.subscribe();
+    let (drift, cancel) = (drift.clone(), handle.cancel_token());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = changes.changed() => if r.is_err() { return },
+            }
+            drift.poke();
+        }
+    });
+    Ok((index, handle))
 }
 
 /// The safety net behind inotify: every `period`, forget all file digests and have open
@@ -213,6 +257,9 @@ impl Up {
         self.ready.set(true);
         let result = node::serve(self.socket, self.api, shutdown).await;
         self.ready.set(false);
+        if let Some(source) = self.pod_source {
+            source.stop().await;
+        }
         Ok(result?)
     }
 
@@ -225,6 +272,18 @@ impl Up {
             "  admin      http://{}/ (healthz, readyz, metrics, config)\n",
             self.admin_addr
         );
+        out += &match &self.config.k8s {
+            None => "  attestor   unix (local processes)\n".to_owned(),
+            Some(k) => format!(
+                "  attestor   k8s: cluster {}, node {}, pods from the {}\n",
+                k.cluster_name,
+                k.node_name,
+                match k.pod_source {
+                    pods::PodSource::Api => "API server (watch)",
+                    pods::PodSource::Kubelet => "kubelet (poll)",
+                }
+            ),
+        };
         out += "  policies\n";
         for p in self.policies.policies() {
             out += &format!(

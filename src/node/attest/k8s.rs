@@ -83,3 +83,21 @@ impl WorkloadAttestor for K8sAttestor {
         Ok(facts)
     }
 }
+
+#[async_trait::async_trait]
+impl PodLookup for crate::node::k8s::PodIndex {
+    async fn wait_for(
+        &self,
+        container: &ContainerRef,
+        timeout: Duration,
+    ) -> Result<K8sFacts, String> {
+        crate::node::k8s::PodIndex::wait_for(
+            self,
+            &container.pod_uid,
+            &container.container_id,
+            timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+}

@@ -470,6 +470,11 @@ impl PodIndex {
         }
     }
 
+    /// Changes whenever the indexed pods or namespaces change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.generation.subscribe()
+    }
+
     fn changed(&self) {
         self.inner
             .generation
