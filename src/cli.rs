@@ -276,6 +276,9 @@ pub struct BenchArgs {
     /// Concurrent FetchJWTSVID clients, one connection each.
     #[arg(long, value_delimiter = ',', default_value = "1,100")]
     pub jwt_levels: Vec<usize>,
+    /// Pods in the index for the Kubernetes attestation measurement.
+    #[arg(long, value_delimiter = ',', default_value = "10,500,5000")]
+    pub pod_levels: Vec<usize>,
     /// Open FetchX509SVID streams for the memory measurement.
     #[arg(long, default_value_t = 1000)]
     pub streams: usize,

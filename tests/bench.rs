@@ -20,6 +20,8 @@ fn quick_bench_reports_every_figure_against_the_floor() {
             "2",
             "--streams",
             "20",
+            "--pod-levels",
+            "10,300",
             "--json",
         ])
         .output()
@@ -49,6 +51,17 @@ fn quick_bench_reports_every_figure_against_the_floor() {
     assert_eq!(drift["samples"], 5);
     assert!(drift["p50_ms"].as_f64().unwrap() > 0.0, "{drift}");
     assert!(drift["max_ms"].as_f64().unwrap() >= drift["p50_ms"].as_f64().unwrap());
+    // Kubernetes attestation needs root and cgroups, which these tests have (and must).
+    let pods = &report["pods"];
+    assert!(pods["unavailable"].is_null(), "{pods}");
+    let levels = pods["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2);
+    assert_eq!(levels[1]["pods"], 300);
+    for l in levels {
+        assert!(l["attest_p50_us"].as_f64().unwrap() > 0.0, "{l}");
+        assert!(l["ratio_p50"].as_f64().unwrap() > 0.0, "{l}");
+        assert!(l["approx_bytes_per_pod"].as_u64().unwrap() > 0, "{l}");
+    }
     // 3 figures per load level, plus memory and issuance.
     assert_eq!(report["targets"].as_array().unwrap().len(), 3 * 3 + 2);
 }

@@ -38,6 +38,7 @@ pub struct Report {
     pub rss: Rss,
     pub issuance: Signing,
     pub drift: attest::Drift,
+    pub pods: attest::Pods,
     pub targets: Vec<Target>,
 }
 
@@ -167,6 +168,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || signing::measure(&state, &id, window, rounds))
             .await??;
 
+    progress("Kubernetes attestation against pod index size");
+    let pods = attest::pods(&args.pod_levels, if args.quick { 200 } else { 5000 }).await;
+
     progress("config drift: file change to stream withdrawal");
     let drift = attest::drift(&exe, dir.path(), if args.quick { 5 } else { 50 }).await?;
 
@@ -184,6 +188,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         rss,
         issuance,
         drift,
+        pods,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -415,6 +420,33 @@ pub fn render(r: &Report) -> String {
         format!("{:.0}/s", i.raw_signs_per_sec),
     );
     out.push('\n');
+    match &r.pods.unavailable {
+        Some(why) => {
+            let _ = writeln!(out, "Kubernetes attestation: not measured: {why}\n");
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "Kubernetes attestation       attest p50/p99   unix p50  ratio   lookup p50/p99   bytes/pod (est., heap)"
+            );
+            for l in &r.pods.levels {
+                let _ = writeln!(
+                    out,
+                    "  {:>6} pods indexed  {:>6.1}/{:<6.1} us  {:>6.1} us  {:>4.2}x  {:>5}/{:<5} ns   {}, {:.0}",
+                    l.pods,
+                    l.attest_p50_us,
+                    l.attest_p99_us,
+                    l.unix_p50_us,
+                    l.ratio_p50,
+                    l.lookup_p50_ns,
+                    l.lookup_p99_ns,
+                    l.approx_bytes_per_pod,
+                    l.heap_bytes_per_pod
+                );
+            }
+            out.push('\n');
+        }
+    }
     let dr = &r.drift;
     let _ = writeln!(
         out,

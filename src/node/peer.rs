@@ -45,6 +45,20 @@ impl PeerInfo {
         })
     }
 
+    /// Credentials of process `pid` as `/proc` reports them (its owner), for callers that hold
+    /// no connection from it (benchmarks). The groups are left to the attestor.
+    pub fn of_pid(pid: i32) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(format!("/proc/{pid}"))?;
+        Ok(Self {
+            pid,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            groups: None,
+            pidfd: pidfd_open(pid).map(Arc::new),
+        })
+    }
+
     /// Credentials for the current process (used by in-process callers and tests).
     pub fn current_process() -> Self {
         let pid = std::process::id() as i32;

@@ -29,17 +29,7 @@ pub struct LookupBench {
 /// Fills an index with `pods` synthetic pods (3 containers each, realistic labels and
 /// annotations) and times `lookups` lookups of random indexed containers.
 pub fn lookup_latency(pods: usize, lookups: usize) -> LookupBench {
-    let node = "bench-node";
-    let index = PodIndex::new("bench", node, PodSource::Api);
-    index.replace_namespaces([Namespace {
-        metadata: ObjectMeta {
-            name: Some("agents".into()),
-            labels: Some([("team".to_owned(), "ml".to_owned())].into()),
-            ..ObjectMeta::default()
-        },
-        ..Namespace::default()
-    }]);
-    index.replace_pods((0..pods).map(|n| synthetic_pod(n, node)));
+    let index = filled_index(pods);
     let mut rng = fastrand::Rng::with_seed(7);
     let mut samples = Vec::with_capacity(lookups);
     for _ in 0..lookups {
@@ -61,11 +51,33 @@ pub fn lookup_latency(pods: usize, lookups: usize) -> LookupBench {
     }
 }
 
-fn pod_uid(n: usize) -> String {
+/// The node the synthetic pods run on.
+pub const BENCH_NODE: &str = "bench-node";
+
+/// An index holding `pods` synthetic pods (3 containers each) on [`BENCH_NODE`]. Pod `n` has
+/// UID [`pod_uid`]`(n)` and containers [`container_id`]`(n, 0..3)`.
+pub fn filled_index(pods: usize) -> PodIndex {
+    let node = BENCH_NODE;
+    let index = PodIndex::new("bench", node, PodSource::Api);
+    index.replace_namespaces([Namespace {
+        metadata: ObjectMeta {
+            name: Some("agents".into()),
+            labels: Some([("team".to_owned(), "ml".to_owned())].into()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    }]);
+    index.replace_pods((0..pods).map(|n| synthetic_pod(n, node)));
+    index
+}
+
+/// The UID of synthetic pod `n`.
+pub fn pod_uid(n: usize) -> String {
     format!("{:08x}-0000-4000-8000-{:012x}", n as u32, n as u64)
 }
 
-fn container_id(n: usize, c: usize) -> String {
+/// The ID of container `c` (0..3) of synthetic pod `n`: 64 hex digits, as in a cgroup path.
+pub fn container_id(n: usize, c: usize) -> String {
     format!("{:016x}{:048x}", n as u64, c as u64)
 }
 
