@@ -14,7 +14,8 @@ use crate::policy::{Attested, CompositeSpec, K8sFacts, PinMismatch, WorkloadFact
 
 /// Pod annotations that declare an agent (AGENT-IDENTITY.md §1).
 pub const ANNOTATION_MODEL: &str = "agentid.dev/model";
-pub const ANNOTATION_AGENT_NAME: &str = "agentid.dev/agent-name";
+/// The same annotation the `{{ .AgentName }}` placeholder reads.
+pub const ANNOTATION_AGENT_NAME: &str = crate::policy::AGENT_NAME_ANNOTATION;
 pub const ANNOTATION_AGENT_VERSION: &str = "agentid.dev/agent-version";
 pub const ANNOTATION_CONFIG_FILES: &str = "agentid.dev/config-files";
 pub const ANNOTATION_TOOLS_FILES: &str = "agentid.dev/tools-files";

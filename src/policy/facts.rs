@@ -38,11 +38,12 @@ pub struct K8sFacts {
 pub const AGENT_NAME_ANNOTATION: &str = "agentid.dev/agent-name";
 
 impl K8sFacts {
-    /// The agent name the pod declares in [`AGENT_NAME_ANNOTATION`], if any.
+    /// The agent name the pod declares in [`AGENT_NAME_ANNOTATION`], if any (trimmed, as the
+    /// composite identity reads it).
     pub fn agent_name(&self) -> Option<&str> {
         self.pod_annotations
             .get(AGENT_NAME_ANNOTATION)
-            .map(String::as_str)
+            .map(|v| v.trim())
     }
 }
 
