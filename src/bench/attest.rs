@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
+use super::pods;
 use super::procs::Server;
 use super::stats::percentile;
 use crate::api::workload::X509svidRequest;
@@ -18,7 +19,6 @@ use crate::node::attest::cgroup::{self, Driver, Qos, Runtime};
 use crate::node::attest::cgroup_fs::place_in_cgroup;
 use crate::node::attest::k8s::K8sAttestor;
 use crate::node::attest::{UnixAttestor, WorkloadAttestor};
-use crate::node::k8s::bench as pods;
 use crate::node::peer::PeerInfo;
 
 /// Time from a write to a hashed config file to the end of the open stream it withdraws.

@@ -9,6 +9,7 @@
 pub mod attest;
 pub mod floor;
 pub mod load;
+pub mod pods;
 pub mod procs;
 pub mod signing;
 pub mod stats;

@@ -2,7 +2,6 @@
 //! the API server (`api`, default) or the kubelet (`kubelet`), so resolving a caller's pod UID
 //! and container ID never waits on a request per call.
 pub mod api;
-pub mod bench;
 pub mod config;
 pub mod index;
 pub mod kubelet;

@@ -1,4 +1,4 @@
-//! Lookup cost against index size, for `agentid bench`: fills an index with synthetic pods and
+//! Pod index lookup cost against index size, for `agentid bench`: fills an index with synthetic pods and
 //! measures `lookup` latency. Not asserted anywhere; timings belong in a benchmark report.
 
 use std::time::{Duration, Instant};
@@ -7,9 +7,8 @@ use k8s_openapi::api::core::v1::{Container, ContainerStatus, Namespace, Pod, Pod
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
-use super::config::PodSource;
-use super::index::PodIndex;
-use crate::bench::stats::percentile;
+use super::stats::percentile;
+use crate::node::k8s::{PodIndex, PodSource};
 
 /// Lookup latency over an index of `pods` pods.
 #[derive(Debug, Clone, Copy, Serialize)]
