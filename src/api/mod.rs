@@ -5,5 +5,11 @@ pub mod workload {
     tonic::include_proto!("_");
 }
 
+/// Generated task-token and delegation API code (`agentid.v1.Delegation`).
+#[allow(clippy::all, missing_docs)]
+pub mod delegation {
+    tonic::include_proto!("agentid.v1");
+}
+
 /// Encoded descriptors of our protos, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");

@@ -4,10 +4,13 @@
 //! broken file without guessing; a reload that fails keeps the previous policies in force.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::schema::{AgentIdentity, CompositeSpec, K8sSelector, normalize_sha256};
+use super::schema::{
+    AgentIdentity, CompositeSpec, DelegationSpec, K8sSelector, TokensSpec, normalize_sha256,
+};
 use super::{
     DEFAULT_JWT_TTL, DEFAULT_X509_TTL, JWT_TTL_RANGE, Policy, PolicySet, Template, X509_TTL_RANGE,
 };
@@ -177,8 +180,20 @@ fn validate(
             ),
         ));
     }
+    let tokens = spec
+        .tokens
+        .map(validate_tokens)
+        .transpose()?
+        .map(std::sync::Arc::new);
+    let delegation = spec
+        .delegation
+        .map(validate_delegation)
+        .transpose()?
+        .map(std::sync::Arc::new);
     Ok(Policy {
         composite,
+        tokens,
+        delegation,
         name,
         origin: origin.to_owned(),
         spiffe_id: template,
@@ -187,6 +202,59 @@ fn validate(
         x509_ttl,
         jwt_ttl,
     })
+}
+
+/// Longest task-token lifetime a policy may allow.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+fn validate_tokens(t: TokensSpec) -> Result<TokensSpec, (&'static str, String)> {
+    for (field, list) in [
+        ("spec.tokens.audiences", &t.audiences),
+        ("spec.tokens.scopes", &t.scopes),
+    ] {
+        if let Some(bad) = list.iter().find(|v| {
+            v.is_empty() || v.len() > 256 || v.chars().any(|c| c.is_whitespace() || c.is_control())
+        }) {
+            return Err((
+                field,
+                format!("{bad:?} must be 1 to 256 characters without spaces"),
+            ));
+        }
+    }
+    if let Some(ttl) = t.max_ttl
+        && (ttl < Duration::from_secs(1) || ttl > MAX_TOKEN_TTL)
+    {
+        return Err((
+            "spec.tokens.maxTTL",
+            format!("must be between 1s and {}", fmt(MAX_TOKEN_TTL)),
+        ));
+    }
+    Ok(t)
+}
+
+fn validate_delegation(d: DelegationSpec) -> Result<DelegationSpec, (&'static str, String)> {
+    for pattern in &d.allowed_children {
+        let id = pattern.strip_suffix("/*").unwrap_or(pattern);
+        if let Err(e) = id.parse::<crate::spiffe::SpiffeId>() {
+            return Err((
+                "spec.delegation.allowedChildren",
+                format!("{pattern:?} is not a SPIFFE ID or a SPIFFE ID prefix ending in /*: {e}"),
+            ));
+        }
+    }
+    if d.max_depth.is_some_and(|n| n == 0 || n > 16) {
+        return Err((
+            "spec.delegation.maxDepth",
+            "must be between 1 and 16".into(),
+        ));
+    }
+    if d.max_fan_out.is_some_and(|n| n == 0 || n > 1000) {
+        return Err((
+            "spec.delegation.maxFanOut",
+            "must be between 1 and 1000".into(),
+        ));
+    }
+    Ok(d)
 }
 
 /// Checks names against Kubernetes' own rules, so a typo fails at load instead of matching
@@ -490,6 +558,32 @@ spec:
         );
         let e = err("apiVersion: [");
         assert!(e.starts_with("f.yaml: document 1: (document):"), "{e}");
+    }
+
+    #[test]
+    fn token_and_delegation_rules_load_and_are_checked() {
+        let ok = format!(
+            "{GOOD}  tokens:\n    audiences: [ledger]\n    scopes: [ledger:read, ledger:write]\n    maxTTL: 2m\n  delegation:\n    allowedChildren: [\"spiffe://example.org/agent/*\", \"spiffe://example.org/reader\"]\n    maxDepth: 3\n    maxFanOut: 4\n"
+        );
+        let p = parse_documents("f.yaml", &ok, &td()).unwrap().remove(0);
+        let t = p.tokens.expect("tokens parsed");
+        assert_eq!(t.scopes, ["ledger:read", "ledger:write"]);
+        assert_eq!(t.max_ttl, Some(Duration::from_secs(120)));
+        let d = p.delegation.expect("delegation parsed");
+        assert_eq!((d.max_depth, d.max_fan_out), (Some(3), Some(4)));
+
+        let e = err(&format!("{GOOD}  tokens:\n    scopes: [\"two words\"]\n"));
+        assert!(e.contains("spec.tokens.scopes"), "{e}");
+        let e = err(&format!("{GOOD}  tokens:\n    maxTTL: 2h\n"));
+        assert!(e.contains("spec.tokens.maxTTL"), "{e}");
+        let e = err(&format!(
+            "{GOOD}  delegation:\n    allowedChildren: [\"agent/*\"]\n"
+        ));
+        assert!(e.contains("spec.delegation.allowedChildren"), "{e}");
+        let e = err(&format!("{GOOD}  delegation:\n    maxDepth: 0\n"));
+        assert!(e.contains("spec.delegation.maxDepth"), "{e}");
+        let e = err(&format!("{GOOD}  delegation:\n    widen: true\n"));
+        assert!(e.contains("widen"), "{e}");
     }
 
     #[test]

@@ -9,8 +9,8 @@ mod template;
 pub use facts::{AGENT_NAME_ANNOTATION, K8sFacts, UnixFacts, WorkloadFacts};
 pub use load::{PolicyError, load_paths, parse_documents};
 pub use schema::{
-    AgentIdentity, Attested, CompositeSpec, K8sSelector, LabelSelector, Metadata, PinMismatch,
-    Selector, Spec, UnixSelector,
+    AgentIdentity, Attested, CompositeSpec, DelegationSpec, K8sSelector, LabelSelector, Metadata,
+    PinMismatch, Selector, Spec, TokensSpec, UnixSelector,
 };
 pub use template::{PLACEHOLDERS, Template, TemplateError};
 
@@ -40,6 +40,8 @@ pub struct Policy {
     pub x509_ttl: Duration,
     pub jwt_ttl: Duration,
     pub composite: Option<Arc<CompositeSpec>>,
+    pub tokens: Option<Arc<TokensSpec>>,
+    pub delegation: Option<Arc<DelegationSpec>>,
 }
 
 /// One identity a caller is entitled to.
@@ -52,6 +54,9 @@ pub struct Entitlement {
     pub hint: String,
     pub x509_ttl: Duration,
     pub jwt_ttl: Duration,
+    /// Task tokens it may mint under this identity, and to whom it may delegate.
+    pub tokens: Option<Arc<TokensSpec>>,
+    pub delegation: Option<Arc<DelegationSpec>>,
 }
 
 /// All policies in force, in a stable order: files sorted by path, documents in file order.
@@ -112,6 +117,8 @@ impl PolicySet {
                     x509_ttl: p.x509_ttl,
                     jwt_ttl: p.jwt_ttl,
                     composite: p.composite.clone(),
+                    tokens: p.tokens.clone(),
+                    delegation: p.delegation.clone(),
                 });
             }
         }
@@ -150,6 +157,8 @@ impl PolicySet {
             x509_ttl: DEFAULT_X509_TTL,
             jwt_ttl: DEFAULT_JWT_TTL,
             composite: None,
+            tokens: None,
+            delegation: None,
         }])
     }
 }

@@ -41,6 +41,45 @@ pub struct Spec {
     /// What the agent is (declared, in unix mode) and must be (pins).
     #[serde(default)]
     pub composite: Option<CompositeSpec>,
+    /// Task tokens the agent may mint (absent: none).
+    #[serde(default)]
+    pub tokens: Option<TokensSpec>,
+    /// Sub-agents the agent may delegate task tokens to (absent: none).
+    #[serde(default)]
+    pub delegation: Option<DelegationSpec>,
+}
+
+/// Which task tokens an agent may mint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TokensSpec {
+    /// Audiences (target services) a token may name.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Scopes a token may carry.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Longest lifetime of a token (default 5m, at most 1h).
+    #[serde(default, rename = "maxTTL", with = "humantime_serde")]
+    pub max_ttl: Option<Duration>,
+    /// May the agent name the principal (`sub`) it acts for? Otherwise `sub` is the agent.
+    #[serde(default)]
+    pub allow_subject: bool,
+}
+
+/// To whom, and how far, an agent may delegate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DelegationSpec {
+    /// SPIFFE IDs of allowed sub-agents: exact, or a prefix ending in `/*`.
+    #[serde(default)]
+    pub allowed_children: Vec<String>,
+    /// How many delegation hops a token minted by this agent allows (default 2).
+    #[serde(default)]
+    pub max_depth: Option<u32>,
+    /// Tokens this agent may delegate per task (`txn`) (default 10).
+    #[serde(default)]
+    pub max_fan_out: Option<u32>,
 }
 
 /// The composite identity part of a policy.
