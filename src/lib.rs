@@ -1,7 +1,7 @@
 //! agentid: SPIFFE workload identity for AI agents.
 //!
-//! Pure modules at the bottom (`spiffe`, `policy`), the crypto boundary (`crypto`), the
-//! two trust boundaries (`server`: the authority; `node`: the Workload API daemon), and
+//! Pure modules at the bottom (`spiffe`, `policy`), the crypto boundary (`crypto`), task
+//! tokens on top of it (`token`: minting, delegation, verification), the two trust boundaries (`server`: the authority; `node`: the Workload API daemon), and
 //! `up`, the only place that links both into one process.
 pub mod admin;
 pub mod api;
@@ -18,4 +18,5 @@ pub mod node;
 pub mod policy;
 pub mod server;
 pub mod spiffe;
+pub mod token;
 pub mod up;
