@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::watch;
@@ -58,11 +59,12 @@ impl DriftWatch {
     pub fn new() -> Self {
         let state: Arc<Mutex<State>> = Arc::default();
         let generation = watch::Sender::new(0u64);
-        let (st, tx) = (state.clone(), generation.clone());
+        let st = state.clone();
+        let changed = settle(generation.clone());
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             let Ok(event) = res else {
                 // Overflow or a watcher error: something may have changed unseen.
-                tx.send_modify(|g| *g += 1);
+                changed();
                 return;
             };
             if matches!(event.kind, EventKind::Access(_)) {
@@ -73,7 +75,7 @@ impl DriftWatch {
                 event.paths.iter().any(|p| st.concerns(p))
             };
             if relevant {
-                tx.send_modify(|g| *g += 1);
+                changed();
             }
         });
         let watcher = match watcher {
@@ -142,6 +144,37 @@ impl DriftWatch {
     }
 }
 
+/// Quiet time after a change before streams re-check: a file written in place is first
+/// truncated, and hashing it between the truncation and the write would state a config that
+/// never existed. Bursts are cut off after `SETTLE_MAX`, well inside the 1 s drift target.
+const SETTLE: Duration = Duration::from_millis(50);
+const SETTLE_MAX: Duration = Duration::from_millis(250);
+
+/// Returns the function the watcher calls on a change: it bumps `generation` once the burst
+/// of events has settled. Without a tokio runtime it bumps at once.
+fn settle(generation: watch::Sender<u64>) -> impl Fn() + Send + 'static {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return Box::new(move || generation.send_modify(|g| *g += 1)) as Box<dyn Fn() + Send>;
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    runtime.spawn(async move {
+        // Ends when the watcher (and with it `tx`) is dropped.
+        while rx.recv().await.is_some() {
+            let first = tokio::time::Instant::now();
+            loop {
+                match tokio::time::timeout(SETTLE, rx.recv()).await {
+                    Ok(Some(())) if first.elapsed() < SETTLE_MAX => continue,
+                    _ => break,
+                }
+            }
+            generation.send_modify(|g| *g += 1);
+        }
+    });
+    Box::new(move || {
+        let _ = tx.send(());
+    })
+}
+
 impl State {
     /// Whether an event on `path` may change a watched file: the file itself, or an entry of
     /// a watched directory that is a watched file or a `..`-prefixed volume internal.
@@ -192,8 +225,6 @@ impl Drop for Watching {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     async fn changed_within(rx: &mut watch::Receiver<u64>, d: Duration) -> bool {
