@@ -201,6 +201,13 @@ impl Authority {
             .map_err(AuthorityError::SignJwt)
     }
 
+    /// Runs `f` with the JWT key that signs now, for credentials whose claims another module
+    /// builds and checks (task tokens: `token::mint`, `token::delegate`). The key stays here.
+    pub fn with_jwt_signer<R>(&self, f: impl FnOnce(&JwtSigner) -> R) -> R {
+        let keys = self.keys.read().expect("keys lock");
+        f(&keys.jwt_current)
+    }
+
     fn check_td(&self, id: &SpiffeId) -> Result<(), AuthorityError> {
         if id.trust_domain() != &self.td {
             return Err(AuthorityError::ForeignId(id.clone(), self.td.clone()));
@@ -280,6 +287,46 @@ mod tests {
 
     fn td() -> TrustDomain {
         TrustDomain::new("example.org").unwrap()
+    }
+
+    #[test]
+    fn task_tokens_signed_with_the_authority_key_verify_against_its_bundle() {
+        use crate::token::{self, Caller, MintRequest, TokenRules};
+        let dir = tempfile::tempdir().unwrap();
+        let a = Authority::open(dir.path(), td(), AuthorityConfig::default()).unwrap();
+        let caller = Caller {
+            id: "spiffe://example.org/agent/orchestrator".parse().unwrap(),
+            cid: None,
+        };
+        let rules = TokenRules {
+            audiences: vec!["ledger".into()],
+            scopes: vec!["ledger:read".into()],
+            ..TokenRules::default()
+        };
+        let req = MintRequest {
+            audience: vec!["ledger".into()],
+            scopes: vec!["ledger:read".into()],
+            ..MintRequest::default()
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let jwt = a
+            .with_jwt_signer(|s| token::mint(req, &caller, &rules, s, &td(), now))
+            .unwrap();
+        let bundle = a.bundle();
+        let claims = token::verify(
+            &jwt,
+            "ledger",
+            Some(&caller.id),
+            |t| (t == &td()).then_some(&*bundle),
+            now,
+        )
+        .unwrap();
+        assert_eq!(claims.act.sub, caller.id);
+        // Another authority's bundle does not verify it.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = Authority::open(other_dir.path(), td(), AuthorityConfig::default()).unwrap();
+        let other_bundle = other.bundle();
+        assert!(token::verify(&jwt, "ledger", None, |_| Some(&*other_bundle), now).is_err());
     }
 
     #[test]
