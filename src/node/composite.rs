@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::attest::rootfs::{DigestCache, RootfsError};
+use super::attest::digest_cache::DigestCache;
+use super::attest::rootfs::{self, RootfsError};
 use crate::composite::{self, Agent, CompositeError, CompositeIdentity, K8s, Model, Pod, Unix};
 use crate::crypto::x509::Extension;
 use crate::policy::{Attested, CompositeSpec, K8sFacts, PinMismatch, WorkloadFacts};
@@ -84,7 +85,7 @@ impl Composer {
     pub fn with_proc_root(proc_root: impl Into<PathBuf>) -> Self {
         Self {
             proc_root: proc_root.into(),
-            digests: DigestCache::default(),
+            digests: DigestCache::new(rootfs::DIGEST_CACHE_MAX),
         }
     }
 
@@ -164,7 +165,10 @@ impl Composer {
             }
             let mut entries = Vec::with_capacity(files.len());
             for f in files {
-                entries.push((f.clone(), self.digests.digest_in_root(root, Path::new(f))?));
+                entries.push((
+                    f.clone(),
+                    rootfs::digest_in_root_cached(&self.digests, root, Path::new(f))?,
+                ));
                 watched.push(root.join(f.trim_start_matches('/')));
             }
             Ok(Some(composite::combine_file_digests(&entries)?))

@@ -1,6 +1,7 @@
 //! Workload attestation: what the kernel (and later the cluster) says about a caller.
 pub mod cgroup;
 pub mod cgroup_fs;
+pub mod digest_cache;
 pub mod k8s;
 pub mod rootfs;
 mod unix;

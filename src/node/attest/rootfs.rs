@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 
 use aws_lc_rs::digest;
 
+use super::digest_cache::DigestCache;
+
 /// The most bytes [`read_in_root`] and [`digest_in_root`] read from one file.
 pub const MAX_READ_BYTES: u64 = 16 << 20;
 
@@ -151,66 +153,31 @@ pub fn digest_in_root(root: &Path, path: &Path) -> Result<String, RootfsError> {
     Ok(format!("sha256:{}", hex::encode(ctx.finish().as_ref())))
 }
 
-/// Remembers file digests by inode and change times, so an unchanged file is not re-read.
-///
-/// The key is taken with `fstat` on the very descriptor that would be hashed. Any write
-/// changes `ctime` (which user space cannot set back), and replacing the file changes the
-/// inode, so a hit means the same content. [`DigestCache::clear`] forces a re-read.
-#[derive(Debug, Default)]
-pub struct DigestCache {
-    entries: std::sync::Mutex<std::collections::HashMap<FileKey, String>>,
-}
+/// Bound on the digests a [`digest_in_root_cached`] cache should hold.
+pub const DIGEST_CACHE_MAX: usize = 65_536;
 
-/// What identifies one version of one file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct FileKey {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
-}
-
-/// Bound on remembered digests: past it the cache starts over (entries are cheap to rebuild).
-const DIGEST_CACHE_MAX: usize = 65_536;
-
-impl DigestCache {
-    /// Forgets every digest: the next lookups re-read their files.
-    pub fn clear(&self) {
-        self.entries.lock().expect("digest cache").clear();
+/// `sha256:<hex>` of a regular file inside `root`, like [`digest_in_root`], reusing the
+/// digest `cache` holds for an unchanged file (keyed with `fstat` on the descriptor that
+/// would be hashed).
+pub fn digest_in_root_cached(
+    cache: &DigestCache,
+    root: &Path,
+    path: &Path,
+) -> Result<String, RootfsError> {
+    let file = open_in_root(root, path)?;
+    let meta = file.metadata().map_err(|source| RootfsError::Io {
+        root: root.to_owned(),
+        path: path.to_owned(),
+        source,
+    })?;
+    if let Some(d) = cache.get(&meta) {
+        return Ok(d);
     }
-
-    /// `sha256:<hex>` of a regular file inside `root`, like [`digest_in_root`], reusing the
-    /// digest of an unchanged file.
-    pub fn digest_in_root(&self, root: &Path, path: &Path) -> Result<String, RootfsError> {
-        let io_err = |source| RootfsError::Io {
-            root: root.to_owned(),
-            path: path.to_owned(),
-            source,
-        };
-        let file = open_in_root(root, path)?;
-        let meta = file.metadata().map_err(io_err)?;
-        use std::os::unix::fs::MetadataExt;
-        let key = FileKey {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
-        };
-        if let Some(d) = self.entries.lock().expect("digest cache").get(&key) {
-            return Ok(d.clone());
-        }
-        let mut ctx = digest::Context::new(&digest::SHA256);
-        read_file_capped(root, path, file, MAX_READ_BYTES, |chunk| ctx.update(chunk))?;
-        let d = format!("sha256:{}", hex::encode(ctx.finish().as_ref()));
-        let mut entries = self.entries.lock().expect("digest cache");
-        if entries.len() >= DIGEST_CACHE_MAX {
-            entries.clear();
-        }
-        entries.insert(key, d.clone());
-        Ok(d)
-    }
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    read_file_capped(root, path, file, MAX_READ_BYTES, |chunk| ctx.update(chunk))?;
+    let d = format!("sha256:{}", hex::encode(ctx.finish().as_ref()));
+    cache.insert(&meta, &d);
+    Ok(d)
 }
 
 /// Streams the file to `sink`, failing once more than `max` bytes are seen: the size from `fstat`
@@ -381,25 +348,28 @@ mod tests {
         let root = root_with(&[("/etc/agent/prompt.md", "aaaa")]);
         let file = root.path().join("etc/agent/prompt.md");
         let path = Path::new("/etc/agent/prompt.md");
-        let cache = DigestCache::default();
-        let first = cache.digest_in_root(root.path(), path).unwrap();
+        let cache = DigestCache::new(DIGEST_CACHE_MAX);
+        let first = digest_in_root_cached(&cache, root.path(), path).unwrap();
         assert_eq!(first, digest_in_root(root.path(), path).unwrap());
-        assert_eq!(cache.digest_in_root(root.path(), path).unwrap(), first);
+        assert_eq!(
+            digest_in_root_cached(&cache, root.path(), path).unwrap(),
+            first
+        );
         // Same size, rewritten in place: ctime moves, so it is re-read.
         std::fs::write(&file, "bbbb").unwrap();
-        let second = cache.digest_in_root(root.path(), path).unwrap();
+        let second = digest_in_root_cached(&cache, root.path(), path).unwrap();
         assert_ne!(second, first);
         assert_eq!(second, digest_in_root(root.path(), path).unwrap());
         // Replaced by rename (how ConfigMaps and editors update): a new inode.
         let tmp = root.path().join("etc/agent/.prompt.tmp");
         std::fs::write(&tmp, "cccc").unwrap();
         std::fs::rename(&tmp, &file).unwrap();
-        let third = cache.digest_in_root(root.path(), path).unwrap();
+        let third = digest_in_root_cached(&cache, root.path(), path).unwrap();
         assert_eq!(third, digest_in_root(root.path(), path).unwrap());
         assert_ne!(third, second);
         // Refusals are not cached away.
         std::fs::remove_file(&file).unwrap();
-        assert!(cache.digest_in_root(root.path(), path).is_err());
+        assert!(digest_in_root_cached(&cache, root.path(), path).is_err());
     }
 
     #[test]

@@ -6,28 +6,17 @@
 //! `SO_PEERPIDFD`, so it names exactly the connecting process) is checked after the reads: a
 //! live process's pid cannot be reused, so if it is still alive everything read was about it.
 
-use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use aws_lc_rs::digest;
 
+use super::digest_cache::DigestCache;
 use super::{AttestError, WorkloadAttestor};
 use crate::node::peer::PeerInfo;
 use crate::policy::{UnixFacts, WorkloadFacts};
-
-/// Identity of an executable file's contents, for the digest cache.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct FileKey {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i64,
-    ctime_ns: i64,
-}
 
 /// Attests local processes. Executable digests are cached by (device, inode, size, mtime,
 /// ctime) so a fetch does not re-hash a large binary on every call.
@@ -37,9 +26,16 @@ pub struct UnixAttestor {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
-    digests: Mutex<HashMap<FileKey, String>>,
+    digests: DigestCache,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            digests: DigestCache::new(DIGEST_CACHE_MAX),
+        }
+    }
 }
 
 impl Default for UnixAttestor {
@@ -61,15 +57,6 @@ impl UnixAttestor {
 
     fn proc_path(&self, pid: i32, what: &str) -> PathBuf {
         self.proc_root.join(pid.to_string()).join(what)
-    }
-
-    fn digest_of(&self, key: &FileKey) -> Option<String> {
-        self.inner
-            .digests
-            .lock()
-            .expect("digest cache")
-            .get(key)
-            .cloned()
     }
 
     /// The supplementary groups of the peer, from the `Groups:` line of
@@ -121,18 +108,6 @@ fn parse_groups(line: &[u8], path: &std::path::Path) -> Result<Vec<u32>, AttestE
         .collect()
 }
 
-impl FileKey {
-    fn of(meta: &std::fs::Metadata) -> Self {
-        Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
-        }
-    }
-}
-
 #[async_trait::async_trait]
 impl WorkloadAttestor for UnixAttestor {
     async fn attest(&self, peer: &PeerInfo) -> Result<WorkloadFacts, AttestError> {
@@ -151,16 +126,16 @@ impl WorkloadAttestor for UnixAttestor {
         // /proc/<pid>/exe leads to the very file the process runs, even if it was replaced
         // or deleted on disk since. Its metadata is the digest cache key; the file is opened
         // only to hash it.
-        let key = FileKey::of(&std::fs::metadata(&exe).map_err(exe_err)?);
-        let sha256 = match self.digest_of(&key) {
+        let meta = std::fs::metadata(&exe).map_err(exe_err)?;
+        let sha256 = match self.inner.digests.get(&meta) {
             Some(d) => d,
             None => {
                 let file = File::open(&exe).map_err(exe_err)?;
                 // Keyed by what was opened, in case the process exec'd since the stat.
-                let key = FileKey::of(&file.metadata().map_err(exe_err)?);
+                let meta = file.metadata().map_err(exe_err)?;
                 let inner = self.inner.clone();
                 let name = exe.display().to_string();
-                tokio::task::spawn_blocking(move || inner.hash(file, key, &name))
+                tokio::task::spawn_blocking(move || inner.hash(file, &meta, &name))
                     .await
                     .map_err(|e| AttestError::Malformed {
                         path: "digest worker".into(),
@@ -192,7 +167,7 @@ impl WorkloadAttestor for UnixAttestor {
 }
 
 impl Inner {
-    fn hash(&self, mut file: File, key: FileKey, name: &str) -> Result<String, AttestError> {
+    fn hash(&self, mut file: File, meta: &Metadata, name: &str) -> Result<String, AttestError> {
         let mut ctx = digest::Context::new(&digest::SHA256);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -206,11 +181,7 @@ impl Inner {
             ctx.update(&buf[..n]);
         }
         let d = format!("sha256:{}", hex::encode(ctx.finish()));
-        let mut cache = self.digests.lock().expect("digest cache");
-        if cache.len() >= DIGEST_CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert(key, d.clone());
+        self.digests.insert(meta, &d);
         Ok(d)
     }
 }
