@@ -169,26 +169,16 @@ pub fn validate<'b>(
         .map_err(|e| JwtError::BadSubject(format!("{sub}: {e}")))?;
     let td = spiffe_id.trust_domain();
     let bundle = bundle_for(td).ok_or_else(|| JwtError::NoBundle(td.clone()))?;
-    let key = bundle.jwt_key(kid).ok_or_else(|| JwtError::UnknownKid {
-        kid: kid.into(),
-        td: td.clone(),
-    })?;
-    if alg != "ES256" {
-        // Our bundles hold P-256 keys only.
-        return Err(JwtError::KeyAlgMismatch {
+    let decoding = es256_key(bundle, kid, alg).map_err(|e| match e {
+        KeyLookup::UnknownKid => JwtError::UnknownKid {
+            kid: kid.into(),
+            td: td.clone(),
+        },
+        KeyLookup::AlgMismatch => JwtError::KeyAlgMismatch {
             kid: kid.into(),
             alg: alg.into(),
-        });
-    }
-    let jwk = key.to_jwk(None).ok_or_else(|| JwtError::KeyAlgMismatch {
-        kid: kid.into(),
-        alg: alg.into(),
+        },
     })?;
-    let decoding = DecodingKey::from_ec_components(
-        jwk.x.as_deref().unwrap_or(""),
-        jwk.y.as_deref().unwrap_or(""),
-    )
-    .map_err(|e| JwtError::Invalid(e.to_string()))?;
     let mut validation = Validation::new(Algorithm::ES256);
     validation.leeway = LEEWAY_SECS;
     validation.validate_nbf = true;
@@ -215,7 +205,34 @@ fn map_jwt_error(audience: &str) -> impl Fn(jsonwebtoken::errors::Error) -> JwtE
     }
 }
 
-fn decode_json(part: &str) -> Result<Map<String, Value>, String> {
+/// Why no verification key was found for a token's `kid` and `alg`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyLookup {
+    UnknownKid,
+    AlgMismatch,
+}
+
+/// The key `kid` names in `bundle`, for a token signed with `alg`. Our bundles hold P-256
+/// keys only, so anything but ES256 is a mismatch.
+pub(crate) fn es256_key(
+    bundle: &SpiffeBundle,
+    kid: &str,
+    alg: &str,
+) -> Result<DecodingKey, KeyLookup> {
+    let key = bundle.jwt_key(kid).ok_or(KeyLookup::UnknownKid)?;
+    if alg != "ES256" {
+        return Err(KeyLookup::AlgMismatch);
+    }
+    let jwk = key.to_jwk(None).ok_or(KeyLookup::AlgMismatch)?;
+    DecodingKey::from_ec_components(
+        jwk.x.as_deref().unwrap_or(""),
+        jwk.y.as_deref().unwrap_or(""),
+    )
+    .map_err(|_| KeyLookup::AlgMismatch)
+}
+
+/// One base64url part of a JWS, as a JSON object.
+pub(crate) fn decode_json(part: &str) -> Result<Map<String, Value>, String> {
     let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|e| e.to_string())?;
     serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }

@@ -5,14 +5,12 @@
 //! by `iss` only (a task token's `sub` is a principal, not necessarily a SPIFFE ID). The claims
 //! are parsed strictly only after the signature verifies.
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::{Algorithm, DecodingKey};
-use serde_json::{Map, Value};
+use jsonwebtoken::Algorithm;
+use serde_json::Value;
 
 use super::claims::{TYP, TaskClaims};
 use super::rules::MAX_DEPTH;
-use crate::crypto::jwt::{ALLOWED_ALGS, LEEWAY_SECS};
+use crate::crypto::jwt::{ALLOWED_ALGS, KeyLookup, LEEWAY_SECS, decode_json, es256_key};
 use crate::spiffe::{SpiffeBundle, SpiffeId, TrustDomain};
 
 /// Why a task token is not valid.
@@ -109,24 +107,16 @@ pub(crate) fn verify_unscoped<'b>(
     let iss = unverified.get("iss").and_then(Value::as_str).unwrap_or("");
     let td = issuer_trust_domain(iss)?;
     let bundle = bundle_for(&td).ok_or_else(|| VerifyError::NoBundle(td.clone()))?;
-    let key = bundle.jwt_key(kid).ok_or_else(|| VerifyError::UnknownKid {
-        kid: kid.into(),
-        td: td.clone(),
+    let decoding = es256_key(bundle, kid, alg).map_err(|e| match e {
+        KeyLookup::UnknownKid => VerifyError::UnknownKid {
+            kid: kid.into(),
+            td: td.clone(),
+        },
+        KeyLookup::AlgMismatch => VerifyError::KeyAlgMismatch {
+            kid: kid.into(),
+            alg: alg.into(),
+        },
     })?;
-    let mismatch = || VerifyError::KeyAlgMismatch {
-        kid: kid.into(),
-        alg: alg.into(),
-    };
-    if alg != "ES256" {
-        // Our bundles hold P-256 keys only.
-        return Err(mismatch());
-    }
-    let jwk = key.to_jwk(None).ok_or_else(mismatch)?;
-    let decoding = DecodingKey::from_ec_components(
-        jwk.x.as_deref().unwrap_or(""),
-        jwk.y.as_deref().unwrap_or(""),
-    )
-    .map_err(|_| mismatch())?;
     let signed = &token[..header_b64.len() + 1 + payload_b64.len()];
     let ok = jsonwebtoken::crypto::verify(sig_b64, signed.as_bytes(), &decoding, Algorithm::ES256)
         .map_err(|_| VerifyError::BadSignature)?;
@@ -207,9 +197,4 @@ fn issuer_trust_domain(iss: &str) -> Result<TrustDomain, VerifyError> {
         return Err(bad());
     }
     Ok(id.trust_domain().clone())
-}
-
-fn decode_json(part: &str) -> Result<Map<String, Value>, String> {
-    let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
