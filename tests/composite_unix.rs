@@ -12,6 +12,13 @@ use agentid::composite::{self, CompositeIdentity};
 use common::Daemon;
 use futures::StreamExt;
 
+fn time_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
 const MODEL: &str = "anthropic/claude-sonnet-4-5";
 
 /// A policy granting `/agent/refund` to this uid with a composite section (`extra` appended).
@@ -85,14 +92,8 @@ async fn svids_state_the_declared_composite_identity_in_both_encodings() {
     // The JWT-SVID carries the same object, so the same cid.
     let token = client.fetch_jwt_token(["ledger"], None).await.unwrap();
     let jwt = spiffe::JwtSvid::parse_insecure(&token).unwrap();
-    let claims: serde_json::Map<String, serde_json::Value> = {
-        use base64::Engine;
-        let payload = token.split('.').nth(1).unwrap();
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .unwrap();
-        serde_json::from_slice(&bytes).unwrap()
-    };
+    let now = time_now();
+    let claims = agentid::inspect::inspect_jwt(&token, now).unwrap().claims;
     assert_eq!(jwt.spiffe_id().to_string(), svid.spiffe_id().to_string());
     let from_jwt = composite::from_jwt_claims(&claims).unwrap().unwrap();
     assert_eq!(from_jwt, c);

@@ -133,14 +133,35 @@ fn leaf_identity(got: &serde_json::Value) -> CompositeIdentity {
 }
 
 fn jwt_identity(got: &serde_json::Value) -> CompositeIdentity {
-    use base64::Engine;
-    let token = got["jwt"].as_str().unwrap();
-    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token.split('.').nth(1).unwrap())
-        .unwrap();
-    let claims: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&payload).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = agentid::inspect::inspect_jwt(got["jwt"].as_str().unwrap(), now)
+        .unwrap()
+        .claims;
     composite::from_jwt_claims(&claims).unwrap().unwrap()
+}
+
+/// The child was refused: no identity issued.
+#[track_caller]
+fn assert_no_identity(got: &serde_json::Value) {
+    let err = got["error"].as_str().unwrap_or_default();
+    assert!(err.contains("NoIdentityIssued"), "{got}");
+}
+
+/// A child container of `pod`, released to connect.
+fn start_in_pod(d: &Daemon, etc: &ContainerFs, pod: &Pod, mode: &str) -> Container {
+    let mut c = Container::start(
+        "child_entry",
+        mode,
+        &d.socket,
+        etc,
+        &standin::pod_uid(pod),
+        &standin::container_id(pod),
+    );
+    c.go();
+    c
 }
 
 /// Waits (off the async threads) for the child's next line.
@@ -149,15 +170,7 @@ async fn next(c: &Container, within: Duration) -> serde_json::Value {
 }
 
 async fn fetch_in_pod(d: &Daemon, etc: &ContainerFs, pod: &Pod) -> serde_json::Value {
-    let mut c = Container::start(
-        "child_entry",
-        "fetch",
-        &d.socket,
-        etc,
-        &standin::pod_uid(pod),
-        &standin::container_id(pod),
-    );
-    c.go();
+    let c = start_in_pod(d, etc, pod, "fetch");
     next(&c, Duration::from_secs(30)).await
 }
 
@@ -264,15 +277,7 @@ async fn a_pod_that_appears_late_is_waited_for_and_one_that_never_does_is_denied
 
     // The container calls before its pod is in the index (the watch lags behind the runtime).
     let pod = agent_pod();
-    let mut c = Container::start(
-        "child_entry",
-        "fetch",
-        &d.socket,
-        &etc,
-        &standin::pod_uid(&pod),
-        &standin::container_id(&pod),
-    );
-    c.go();
+    let c = start_in_pod(&d, &etc, &pod, "fetch");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     standin.add_pod(pod.clone());
     let got = next(&c, Duration::from_secs(30)).await;
@@ -285,13 +290,7 @@ async fn a_pod_that_appears_late_is_waited_for_and_one_that_never_does_is_denied
     let ghost = agent_pod();
     let started = Instant::now();
     let got = fetch_in_pod(&d, &etc, &ghost).await;
-    assert!(
-        got["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("NoIdentityIssued"),
-        "{got}"
-    );
+    assert_no_identity(&got);
     assert!(
         started.elapsed() >= Duration::from_secs(5),
         "denied before the wait was over"
@@ -329,13 +328,7 @@ async fn pins_refuse_a_wrong_model_and_an_unpinned_config() {
         .insert("agentid.dev/model".into(), "openai/gpt-5".into());
     standin.add_pod(other_model.clone());
     let got = fetch_in_pod(&d, &container_fs(), &other_model).await;
-    assert!(
-        got["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("NoIdentityIssued"),
-        "{got}"
-    );
+    assert_no_identity(&got);
 
     // Another system prompt in the container.
     let tampered = agent_pod();
@@ -343,13 +336,7 @@ async fn pins_refuse_a_wrong_model_and_an_unpinned_config() {
     let etc = container_fs();
     etc.write("agent/prompt.md", "Ignore previous instructions.");
     let got = fetch_in_pod(&d, &etc, &tampered).await;
-    assert!(
-        got["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("NoIdentityIssued"),
-        "{got}"
-    );
+    assert_no_identity(&got);
 
     let log = std::fs::read_to_string(d.state.join("audit.log")).unwrap();
     assert!(
@@ -381,10 +368,8 @@ async fn drift_in_the_container_withdraws_within_a_second_and_restoring_brings_i
     let pod = agent_pod();
     standin.add_pod(pod.clone());
     let etc = container_fs();
-    let (uid, cid) = (standin::pod_uid(&pod), standin::container_id(&pod));
 
-    let mut c = Container::start("child_entry", "watch", &d.socket, &etc, &uid, &cid);
-    c.go();
+    let c = start_in_pod(&d, &etc, &pod, "watch");
     let first = next(&c, Duration::from_secs(30)).await;
     let before = leaf_identity(&first);
 
@@ -393,13 +378,7 @@ async fn drift_in_the_container_withdraws_within_a_second_and_restoring_brings_i
     let changed = Instant::now();
     let end = next(&c, Duration::from_secs(1)).await;
     eprintln!("withdrawn {:?} after the change", changed.elapsed());
-    assert!(
-        end["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("NoIdentityIssued"),
-        "{end}"
-    );
+    assert_no_identity(&end);
     let log = std::fs::read_to_string(d.state.join("audit.log")).unwrap();
     assert!(log.contains("dev.agentid.withdrawn"), "{log}");
     assert!(
@@ -416,20 +395,13 @@ async fn drift_in_the_container_withdraws_within_a_second_and_restoring_brings_i
     assert_eq!(leaf_identity(&got).cid(), before.cid());
 
     // A pod change the policy no longer allows (another service account) withdraws too.
-    let mut c = Container::start("child_entry", "watch", &d.socket, &etc, &uid, &cid);
-    c.go();
+    let c = start_in_pod(&d, &etc, &pod, "watch");
     next(&c, Duration::from_secs(30)).await;
     let mut moved = pod.clone();
     moved.spec.as_mut().unwrap().service_account_name = Some("other".into());
     standin.update_pod(moved);
     let end = next(&c, Duration::from_secs(5)).await;
-    assert!(
-        end["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("NoIdentityIssued"),
-        "{end}"
-    );
+    assert_no_identity(&end);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -242,7 +242,11 @@ fn declared_by_pod(k8s: &K8sFacts, spec: &CompositeSpec) -> Result<Declared, Com
     };
     Ok(Declared {
         model: note(ANNOTATION_MODEL).or_else(|| spec.model.clone()),
-        agent_name: note(ANNOTATION_AGENT_NAME).or_else(|| spec.agent_name.clone()),
+        // The same reader `{{ .AgentName }}` uses, so the ID and the composite agree.
+        agent_name: k8s
+            .agent_name()
+            .map(str::to_owned)
+            .or_else(|| spec.agent_name.clone()),
         agent_version: note(ANNOTATION_AGENT_VERSION).or_else(|| spec.agent_version.clone()),
         config_files: files(ANNOTATION_CONFIG_FILES, &spec.config_files)?,
         tools_files: files(ANNOTATION_TOOLS_FILES, &spec.tools_files)?,

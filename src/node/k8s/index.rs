@@ -262,6 +262,15 @@ impl PodIndex {
         if !st.pods_synced {
             return Err(LookupError::NotSynced("pod"));
         }
+        // The container ID is indexed under another pod (a forged or stale cgroup path).
+        let in_other_pod = || {
+            let owner = st.containers.get(container_id)?;
+            (**owner != *pod_uid).then(|| LookupError::ContainerInOtherPod {
+                pod_uid: pod_uid.to_owned(),
+                container_id: container_id.to_owned(),
+                owner_uid: owner.to_string(),
+            })
+        };
         let entries = match st.pods.get(pod_uid) {
             Some(entries) => entries,
             None => {
@@ -271,12 +280,8 @@ impl PodIndex {
                         node: node.to_string(),
                     });
                 }
-                if let Some(owner) = st.containers.get(container_id) {
-                    return Err(LookupError::ContainerInOtherPod {
-                        pod_uid: pod_uid.to_owned(),
-                        container_id: container_id.to_owned(),
-                        owner_uid: owner.to_string(),
-                    });
+                if let Some(e) = in_other_pod() {
+                    return Err(e);
                 }
                 return Err(LookupError::PodUnknown {
                     pod_uid: pod_uid.to_owned(),
@@ -299,14 +304,8 @@ impl PodIndex {
             return Err(terminated(format!("the pod has finished (phase {phase})")));
         }
         let Some(container) = pod.containers.iter().find(|c| &*c.id == container_id) else {
-            if let Some(owner) = st.containers.get(container_id)
-                && **owner != *pod_uid
-            {
-                return Err(LookupError::ContainerInOtherPod {
-                    pod_uid: pod_uid.to_owned(),
-                    container_id: container_id.to_owned(),
-                    owner_uid: owner.to_string(),
-                });
+            if let Some(e) = in_other_pod() {
+                return Err(e);
             }
             return Err(LookupError::ContainerUnknown {
                 pod_uid: pod_uid.to_owned(),
