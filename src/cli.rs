@@ -39,6 +39,9 @@ pub enum Command {
     /// JWT-SVIDs from the Workload API.
     #[command(subcommand)]
     Jwt(JwtCommand),
+    /// Task tokens: mint for a task, delegate to a sub-agent, verify as a relying party.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Trust bundles from the Workload API.
     #[command(subcommand)]
     Bundle(BundleCommand),
@@ -241,6 +244,77 @@ pub enum JwtCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Task-token subcommands: tokens go to stdout, a refusal to stderr with the rule that refused.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Mint a task token for this agent: an audience, a few scopes, a few minutes.
+    Mint(TokenMintArgs),
+    /// Delegate part of a task to a sub-agent: a narrower token naming it as the holder.
+    Delegate(TokenDelegateArgs),
+    /// Verify a task token and print its claims as JSON: through the socket, or offline.
+    Verify {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The audience this relying party is.
+        #[arg(long)]
+        audience: String,
+        /// The SPIFFE ID of whoever presented the token (mTLS peer or JWT-SVID subject); it
+        /// must be the token's outermost actor.
+        #[arg(long)]
+        presenter: Option<String>,
+        /// Verify offline with this bundle file (a SPIFFE bundle or JWKS of the token's trust
+        /// domain, or the output of `agentid bundle show --json`) instead of the socket.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// The token (`-` reads stdin).
+        token: String,
+    },
+}
+
+/// `agentid token mint`.
+#[derive(Debug, Args)]
+pub struct TokenMintArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Target service (repeatable).
+    #[arg(long, required = true)]
+    pub audience: Vec<String>,
+    /// Scopes, space-separated (e.g. "ledger:read ledger:write"); repeatable.
+    #[arg(long, required = true)]
+    pub scope: Vec<String>,
+    /// Lifetime (e.g. 90s, 5m); clamped to the policy's maximum. Default: that maximum.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
+    /// The principal the task is done for (needs `allowSubject` in the policy).
+    #[arg(long)]
+    pub subject: Option<String>,
+    /// What the task is for; fixed for the whole delegation tree.
+    #[arg(long)]
+    pub purpose: Option<String>,
+    /// Which of this process's identities mints (needed only when several may).
+    #[arg(long)]
+    pub spiffe_id: Option<String>,
+}
+
+/// `agentid token delegate`.
+#[derive(Debug, Args)]
+pub struct TokenDelegateArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The parent task token held by this agent (`-` reads stdin).
+    #[arg(long)]
+    pub parent: String,
+    /// The sub-agent's SPIFFE ID.
+    #[arg(long)]
+    pub to: String,
+    /// Scopes for the child, a subset of the parent's; space-separated, repeatable.
+    #[arg(long, required = true)]
+    pub scope: Vec<String>,
+    /// Lifetime; never past the parent's expiry. Default: as long as allowed.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,6 +7,7 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::api::delegation::delegation_client::DelegationClient;
 use crate::api::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 
 /// Why the client could not connect.
@@ -63,8 +64,27 @@ pub fn socket_path(arg: Option<&str>) -> Result<PathBuf, ClientError> {
     Ok(PathBuf::from(path))
 }
 
-/// Opens a channel to the socket at `path`.
+/// A connected client of the task-token service on the same socket.
+pub type TokenClient = DelegationClient<InterceptedService<Channel, SecurityHeader>>;
+
+/// Opens a Workload API client on the socket at `path`.
 pub async fn connect(path: &Path) -> Result<Client, ClientError> {
+    Ok(SpiffeWorkloadApiClient::with_interceptor(
+        channel(path).await?,
+        SecurityHeader,
+    ))
+}
+
+/// Opens a Delegation API client on the socket at `path`.
+pub async fn connect_tokens(path: &Path) -> Result<TokenClient, ClientError> {
+    Ok(DelegationClient::with_interceptor(
+        channel(path).await?,
+        SecurityHeader,
+    ))
+}
+
+/// Opens a channel to the socket at `path`.
+async fn channel(path: &Path) -> Result<Channel, ClientError> {
     if !path.exists() {
         return Err(ClientError::Missing(path.to_owned()));
     }
@@ -80,10 +100,7 @@ pub async fn connect(path: &Path) -> Result<Client, ClientError> {
             path: path.to_owned(),
             source,
         })?;
-    Ok(SpiffeWorkloadApiClient::with_interceptor(
-        channel,
-        SecurityHeader,
-    ))
+    Ok(channel)
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 
 use std::process::ExitCode;
 
-use agentid::cli::{AuditCommand, BundleCommand, Cli, Command, JwtCommand, LogFormat, X509Command};
+use agentid::cli::{
+    AuditCommand, BundleCommand, Cli, Command, JwtCommand, LogFormat, TokenCommand, X509Command,
+};
 use agentid::{bench, commands, up};
 use clap::Parser;
 
@@ -96,6 +98,17 @@ async fn run(command: Command) -> Result<(), Failure> {
             audience,
             token,
         }) => Ok(commands::jwt_validate(client, audience, token).await?),
+        Command::Token(TokenCommand::Mint(args)) => Ok(commands::token::mint(args).await?),
+        Command::Token(TokenCommand::Delegate(args)) => Ok(commands::token::delegate(args).await?),
+        Command::Token(TokenCommand::Verify {
+            client,
+            audience,
+            presenter,
+            bundle,
+            token,
+        }) => Ok(
+            commands::token::verify(client, audience, presenter, bundle.as_deref(), token).await?,
+        ),
         Command::Bundle(BundleCommand::Show { client }) => Ok(commands::bundle_show(client).await?),
         Command::Audit(AuditCommand::Verify { file, any_start }) => {
             Ok(commands::audit_verify(&file, any_start)?)

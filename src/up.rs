@@ -19,8 +19,12 @@ use crate::node::attest::WorkloadAttestor;
 use crate::node::attest::k8s::K8sAttestor;
 use crate::node::cache::SvidCache;
 use crate::node::composite::Composer;
+use crate::node::delegation::DelegationApi;
 use crate::node::drift::DriftWatch;
-use crate::node::issuer::{IssueError, JwtRequest, SvidIssuer, TrustBundles, X509Request};
+use crate::node::issuer::{
+    IssueError, JwtRequest, SvidIssuer, TaskTokenError, TaskTokenOp, TaskTokenRequest,
+    TrustBundles, X509Request,
+};
 use crate::node::k8s::{self as pods, K8sConfig, PodIndex, SourceHandle};
 use crate::node::uds::WorkloadSocket;
 use crate::node::workload_api::WorkloadApi;
@@ -28,6 +32,7 @@ use crate::node::{self, policy_watch};
 use crate::policy::{PolicySet, load_paths};
 use crate::server::{Authority, AuthorityConfig};
 use crate::spiffe::TrustDomain;
+use crate::token::{self, FanOut, Issued};
 
 /// Configuration of `agentid up`, logged at start and served at `/config`.
 #[derive(Debug, Clone, Serialize)]
@@ -49,6 +54,8 @@ pub struct UpConfig {
 struct LocalIssuer {
     authority: Arc<Authority>,
     bundles: watch::Receiver<Arc<TrustBundles>>,
+    /// Delegations per task and delegator, for `maxFanOut`.
+    fan_out: FanOut,
 }
 
 impl LocalIssuer {
@@ -74,6 +81,7 @@ impl LocalIssuer {
         Self {
             authority,
             bundles: rx,
+            fan_out: FanOut::new(),
         }
     }
 }
@@ -95,6 +103,35 @@ impl SvidIssuer for LocalIssuer {
     fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>> {
         self.bundles.clone()
     }
+
+    async fn task_token(&self, req: TaskTokenRequest) -> Result<Issued, TaskTokenError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let a = &self.authority;
+        let td = a.trust_domain();
+        let (caller, rules) = (&req.caller, &*req.rules);
+        let issued = match req.op {
+            TaskTokenOp::Mint(m) => {
+                a.with_jwt_signer(|s| token::mint(m, caller, rules, s, td, now))
+            }
+            TaskTokenOp::Delegate { parent, req: d } => {
+                let bundle = a.bundle();
+                a.with_jwt_signer(|s| {
+                    token::delegate(
+                        &parent,
+                        d,
+                        caller,
+                        rules,
+                        s,
+                        td,
+                        &bundle,
+                        &self.fan_out,
+                        now,
+                    )
+                })
+            }
+        };
+        Ok(issued?)
+    }
 }
 
 /// Everything `up` built, before it starts serving (tests drive this directly).
@@ -104,6 +141,7 @@ pub struct Up {
     pub admin_addr: SocketAddr,
     socket: WorkloadSocket,
     api: WorkloadApi,
+    delegation: DelegationApi,
     ready: Readiness,
     /// The pod source feeding Kubernetes attestation, stopped at shutdown.
     pod_source: Option<SourceHandle>,
@@ -148,7 +186,7 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
     let metrics = NodeMetrics::register(&mut registry);
     let issuer: Arc<dyn SvidIssuer> = Arc::new(LocalIssuer::new(authority));
     let bundles = issuer.bundles();
-    let cache = SvidCache::new(issuer, audit.clone(), metrics.clone());
+    let cache = SvidCache::new(issuer.clone(), audit.clone(), metrics.clone());
     let (policy_tx, policy_rx) = watch::channel(Arc::new(policies.clone()));
     if !config.policy.is_empty() {
         policy_watch::spawn(
@@ -173,6 +211,7 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
     };
     let api = WorkloadApi::new(td, attestor, policy_rx, bundles, cache, audit, metrics)
         .with_composite(composer, drift);
+    let delegation = DelegationApi::new(api.clone(), issuer);
     let socket = WorkloadSocket::bind(&config.socket)?;
     let admin_addr = admin::spawn(
         config.admin_addr,
@@ -187,6 +226,7 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
         admin_addr,
         socket,
         api,
+        delegation,
         ready,
         pod_source,
         config,
@@ -255,7 +295,7 @@ impl Up {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         self.ready.set(true);
-        let result = node::serve(self.socket, self.api, shutdown).await;
+        let result = node::serve(self.socket, self.api, self.delegation, shutdown).await;
         self.ready.set(false);
         if let Some(source) = self.pod_source {
             source.stop().await;

@@ -125,7 +125,7 @@ pub enum CredentialKind {
     /// A JWT-SVID.
     #[serde(rename = "jwt-svid")]
     JwtSvid,
-    /// A delegated task token.
+    /// A task token (minted or delegated).
     #[serde(rename = "task-token")]
     TaskToken,
     /// A trust bundle.

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::crypto::x509::Extension;
 use crate::spiffe::{SpiffeBundle, SpiffeId, TrustDomain};
+use crate::token::{self, Issued, Refusal, TokenRules};
 
 /// Why a signing request failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -34,6 +35,40 @@ pub struct JwtRequest {
     pub audience: Vec<String>,
     pub ttl: Duration,
     pub claims: Map<String, Value>,
+}
+
+/// A task-token request for the issuer to check and sign (AGENT-IDENTITY.md §3).
+///
+/// The node daemon attests the caller and looks up its rules; the issuer enforces them and
+/// holds the fan-out counts. A remote issuer that evaluates policy itself may ignore `rules`.
+#[derive(Debug, Clone)]
+pub struct TaskTokenRequest {
+    pub caller: token::Caller,
+    pub rules: Arc<TokenRules>,
+    pub op: TaskTokenOp,
+}
+
+/// What is asked for.
+#[derive(Debug, Clone)]
+pub enum TaskTokenOp {
+    /// A root token for the caller.
+    Mint(token::MintRequest),
+    /// A narrower token for a child, from a parent the caller holds.
+    Delegate {
+        parent: String,
+        req: token::DelegateRequest,
+    },
+}
+
+/// Why no task token was issued.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskTokenError {
+    /// A rule refused it.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The issuer could not be asked.
+    #[error("issuer unavailable: {0}")]
+    Unavailable(IssueError),
 }
 
 /// Trust material the node distributes: its own trust domain's bundle and federated ones.
@@ -65,4 +100,6 @@ pub trait SvidIssuer: Send + Sync + 'static {
     async fn sign_jwt(&self, req: JwtRequest) -> Result<String, IssueError>;
     /// The trust bundles, updated on every change.
     fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>>;
+    /// Checks a task-token request against its rules and signs the token.
+    async fn task_token(&self, req: TaskTokenRequest) -> Result<Issued, TaskTokenError>;
 }

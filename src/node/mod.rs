@@ -2,6 +2,7 @@
 pub mod attest;
 pub mod cache;
 pub mod composite;
+pub mod delegation;
 pub mod drift;
 pub mod h2_authority;
 pub mod issuer;
@@ -17,7 +18,9 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tonic::transport::Server;
 
+use crate::api::delegation::delegation_server::DelegationServer;
 use crate::api::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use delegation::DelegationApi;
 use uds::WorkloadSocket;
 use workload_api::{WorkloadApi, check_security_header};
 
@@ -33,15 +36,20 @@ pub enum NodeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Serves the Workload API, gRPC health and server reflection on `socket` until `shutdown`.
+/// Serves the Workload API, the Delegation API, gRPC health and server reflection on `socket`
+/// until `shutdown`.
 pub async fn serve(
     mut socket: WorkloadSocket,
     api: WorkloadApi,
+    delegation: DelegationApi,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
+        .await;
+    health_reporter
+        .set_serving::<DelegationServer<DelegationApi>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
@@ -56,10 +64,13 @@ pub async fn serve(
         let _ = draining_tx.send(());
     };
     let workload = SpiffeWorkloadApiServer::with_interceptor(api, check_security_header);
+    // Same socket, same header rule: a browser or a confused proxy cannot mint tokens either.
+    let delegation = DelegationServer::with_interceptor(delegation, check_security_header);
     let server = Server::builder()
         .add_service(health)
         .add_service(reflection)
         .add_service(workload)
+        .add_service(delegation)
         .serve_with_incoming_shutdown(socket.incoming(), shutdown);
     // Other streams (a gRPC health `Watch`, a reflection session) never end either, and the
     // graceful drain would wait for them forever: give them a bounded time, then stop anyway.

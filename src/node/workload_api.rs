@@ -70,16 +70,16 @@ struct Caller {
 }
 
 /// An attested caller with the identities it can be issued, composite identities checked.
-struct Entitled {
-    peer: PeerInfo,
-    facts: WorkloadFacts,
-    issuable: Vec<Issuable>,
+pub(super) struct Entitled {
+    pub(super) peer: PeerInfo,
+    pub(super) facts: WorkloadFacts,
+    pub(super) issuable: Vec<Issuable>,
 }
 
 /// One identity a caller can be issued, with the composite identity it states.
-struct Issuable {
-    e: Entitlement,
-    composed: Option<Arc<Composed>>,
+pub(super) struct Issuable {
+    pub(super) e: Entitlement,
+    pub(super) composed: Option<Arc<Composed>>,
 }
 
 impl Entitled {
@@ -122,7 +122,7 @@ impl Entitled {
 }
 
 /// The composite part of an audit record's identity.
-fn audit_identity(c: &Composed) -> Identity {
+pub(super) fn audit_identity(c: &Composed) -> Identity {
     let id = &c.identity;
     Identity {
         spiffe_id: None,
@@ -163,7 +163,7 @@ fn drift_summary(old: &CompositeIdentity, new: &CompositeIdentity) -> String {
 }
 
 /// The facts as selectors for an audit record, user name included.
-fn audit_selectors(facts: &WorkloadFacts) -> Vec<String> {
+pub(super) fn audit_selectors(facts: &WorkloadFacts) -> Vec<String> {
     let mut facts = facts.clone();
     resolve_user_name(&mut facts);
     facts.selectors()
@@ -201,6 +201,16 @@ impl WorkloadApi {
         self.composer = composer;
         self.drift = drift;
         self
+    }
+
+    /// The audit log decisions are recorded in.
+    pub(super) fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// The trust bundles in force.
+    pub(super) fn trust_bundles(&self) -> Arc<TrustBundles> {
+        self.bundles.borrow().clone()
     }
 
     /// Cancelling this ends every open stream (used at shutdown).
@@ -248,7 +258,7 @@ impl WorkloadApi {
     /// entitlement states, checking its pins. An entitlement whose composite is refused is
     /// dropped (and audited with the reason); none left is `PermissionDenied`, or
     /// `Unavailable` when a declared file could not be hashed.
-    async fn resolve_entitled(
+    pub(super) async fn resolve_entitled(
         &self,
         peer: &PeerInfo,
         method: &'static str,
@@ -324,7 +334,13 @@ impl WorkloadApi {
         Ok(results)
     }
 
-    fn deny(&self, method: &'static str, peer: &PeerInfo, facts: &WorkloadFacts, reason: &str) {
+    pub(super) fn deny(
+        &self,
+        method: &'static str,
+        peer: &PeerInfo,
+        facts: &WorkloadFacts,
+        reason: &str,
+    ) {
         self.metrics
             .denials
             .get_or_create(&MethodLabels { method })
@@ -348,7 +364,12 @@ impl WorkloadApi {
         }
     }
 
-    fn observe<T>(&self, method: &'static str, start: Instant, result: &Result<T, Status>) {
+    pub(super) fn observe<T>(
+        &self,
+        method: &'static str,
+        start: Instant,
+        result: &Result<T, Status>,
+    ) {
         let code = match result {
             Ok(_) => "OK",
             Err(s) => code_name(s.code()),
@@ -423,7 +444,7 @@ impl WorkloadApi {
     }
 }
 
-fn peer_of<T>(req: &Request<T>) -> Result<PeerInfo, Status> {
+pub(super) fn peer_of<T>(req: &Request<T>) -> Result<PeerInfo, Status> {
     req.extensions().get::<PeerInfo>().cloned().ok_or_else(|| {
         Status::unavailable("workload attestation failed: no peer credentials on this connection")
     })
@@ -862,7 +883,7 @@ struct BundleWatch<T> {
     last: T,
 }
 
-fn to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+pub(super) fn to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
     prost_types::Struct {
         fields: map.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
     }
@@ -942,6 +963,14 @@ mod tests {
         }
         fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>> {
             self.bundles.subscribe()
+        }
+        async fn task_token(
+            &self,
+            _: crate::node::issuer::TaskTokenRequest,
+        ) -> Result<crate::token::Issued, crate::node::issuer::TaskTokenError> {
+            Err(crate::node::issuer::TaskTokenError::Unavailable(
+                IssueError("this test issuer signs no task tokens".into()),
+            ))
         }
     }
 

@@ -4,6 +4,7 @@
 //! broken file without guessing; a reload that fails keeps the previous policies in force.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -15,6 +16,7 @@ use super::{
     DEFAULT_JWT_TTL, DEFAULT_X509_TTL, JWT_TTL_RANGE, Policy, PolicySet, Template, X509_TTL_RANGE,
 };
 use crate::spiffe::TrustDomain;
+use crate::token::{DEFAULT_MAX_TTL, MAX_DEPTH, SpiffeIdPattern, TokenRules};
 
 /// API version and kind every document must declare.
 pub const API_VERSION: &str = "agentid.dev/v1alpha1";
@@ -180,20 +182,10 @@ fn validate(
             ),
         ));
     }
-    let tokens = spec
-        .tokens
-        .map(validate_tokens)
-        .transpose()?
-        .map(std::sync::Arc::new);
-    let delegation = spec
-        .delegation
-        .map(validate_delegation)
-        .transpose()?
-        .map(std::sync::Arc::new);
+    let token_rules = Arc::new(token_rules(spec.tokens, spec.delegation)?);
     Ok(Policy {
         composite,
-        tokens,
-        delegation,
+        token_rules,
         name,
         origin: origin.to_owned(),
         spiffe_id: template,
@@ -232,29 +224,58 @@ fn validate_tokens(t: TokensSpec) -> Result<TokensSpec, (&'static str, String)> 
     Ok(t)
 }
 
-fn validate_delegation(d: DelegationSpec) -> Result<DelegationSpec, (&'static str, String)> {
-    for pattern in &d.allowed_children {
-        let id = pattern.strip_suffix("/*").unwrap_or(pattern);
-        if let Err(e) = id.parse::<crate::spiffe::SpiffeId>() {
+/// Delegation depth of minted tokens when `spec.delegation` gives none.
+pub const DEFAULT_MAX_DEPTH: u32 = 2;
+/// Children per task when `spec.delegation` gives none.
+pub const DEFAULT_MAX_FAN_OUT: u32 = 10;
+
+/// The task-token rules of a policy: what `spec.tokens` and `spec.delegation` allow. Without
+/// them nothing is allowed: no audience, no scope, no child.
+fn token_rules(
+    tokens: Option<TokensSpec>,
+    delegation: Option<DelegationSpec>,
+) -> Result<TokenRules, (&'static str, String)> {
+    let mut rules = TokenRules::default();
+    if let Some(t) = tokens.map(validate_tokens).transpose()? {
+        rules.audiences = t.audiences;
+        rules.scopes = t.scopes;
+        rules.max_ttl = t.max_ttl.unwrap_or(DEFAULT_MAX_TTL);
+        rules.allow_subject = t.allow_subject;
+    }
+    if let Some(d) = delegation {
+        rules.allowed_children = d
+            .allowed_children
+            .iter()
+            .map(|p| {
+                p.parse::<SpiffeIdPattern>().map_err(|e| {
+                    (
+                        "spec.delegation.allowedChildren",
+                        format!("{e} (a SPIFFE ID, or a SPIFFE ID prefix ending in /*)"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        rules.max_depth = d.max_depth.unwrap_or(DEFAULT_MAX_DEPTH);
+        if rules.max_depth == 0 || rules.max_depth > MAX_DEPTH {
             return Err((
-                "spec.delegation.allowedChildren",
-                format!("{pattern:?} is not a SPIFFE ID or a SPIFFE ID prefix ending in /*: {e}"),
+                "spec.delegation.maxDepth",
+                format!("must be between 1 and {MAX_DEPTH}"),
+            ));
+        }
+        rules.max_fan_out = d.max_fan_out.unwrap_or(DEFAULT_MAX_FAN_OUT);
+        if rules.max_fan_out == 0 || rules.max_fan_out > 1000 {
+            return Err((
+                "spec.delegation.maxFanOut",
+                "must be between 1 and 1000".into(),
             ));
         }
     }
-    if d.max_depth.is_some_and(|n| n == 0 || n > 16) {
-        return Err((
-            "spec.delegation.maxDepth",
-            "must be between 1 and 16".into(),
-        ));
-    }
-    if d.max_fan_out.is_some_and(|n| n == 0 || n > 1000) {
-        return Err((
-            "spec.delegation.maxFanOut",
-            "must be between 1 and 1000".into(),
-        ));
-    }
-    Ok(d)
+    // What the schema checks above cannot see (scope syntax): refuse rather than serve a
+    // rule set the issuer would trip over later.
+    rules
+        .validate()
+        .map_err(|e| ("spec.tokens", e.to_string()))?;
+    Ok(rules)
 }
 
 /// Checks names against Kubernetes' own rules, so a typo fails at load instead of matching
@@ -566,11 +587,24 @@ spec:
             "{GOOD}  tokens:\n    audiences: [ledger]\n    scopes: [ledger:read, ledger:write]\n    maxTTL: 2m\n  delegation:\n    allowedChildren: [\"spiffe://example.org/agent/*\", \"spiffe://example.org/reader\"]\n    maxDepth: 3\n    maxFanOut: 4\n"
         );
         let p = parse_documents("f.yaml", &ok, &td()).unwrap().remove(0);
-        let t = p.tokens.expect("tokens parsed");
-        assert_eq!(t.scopes, ["ledger:read", "ledger:write"]);
-        assert_eq!(t.max_ttl, Some(Duration::from_secs(120)));
-        let d = p.delegation.expect("delegation parsed");
-        assert_eq!((d.max_depth, d.max_fan_out), (Some(3), Some(4)));
+        let r = &p.token_rules;
+        assert_eq!(r.scopes, ["ledger:read", "ledger:write"]);
+        assert_eq!(r.max_ttl, Duration::from_secs(120));
+        assert_eq!((r.max_depth, r.max_fan_out), (3, 4));
+        assert!(r.may_delegate_to(&"spiffe://example.org/agent/x".parse().unwrap()));
+        assert!(r.may_delegate_to(&"spiffe://example.org/reader".parse().unwrap()));
+        assert!(!r.may_delegate_to(&"spiffe://example.org/reader/x".parse().unwrap()));
+
+        // Without the two parts nothing is allowed; delegation alone gets the defaults.
+        let none = parse_documents("f.yaml", GOOD, &td()).unwrap().remove(0);
+        assert_eq!(*none.token_rules, TokenRules::default());
+        let d = format!("{GOOD}  delegation:\n    allowedChildren: [\"spiffe://example.org/a\"]\n");
+        let d = parse_documents("f.yaml", &d, &td()).unwrap().remove(0);
+        assert_eq!(
+            (d.token_rules.max_depth, d.token_rules.max_fan_out),
+            (DEFAULT_MAX_DEPTH, DEFAULT_MAX_FAN_OUT)
+        );
+        assert!(d.token_rules.audiences.is_empty());
 
         let e = err(&format!("{GOOD}  tokens:\n    scopes: [\"two words\"]\n"));
         assert!(e.contains("spec.tokens.scopes"), "{e}");
@@ -580,6 +614,10 @@ spec:
             "{GOOD}  delegation:\n    allowedChildren: [\"agent/*\"]\n"
         ));
         assert!(e.contains("spec.delegation.allowedChildren"), "{e}");
+        let e = err(&format!(
+            "{GOOD}  delegation:\n    allowedChildren: [\"spiffe://example.org/a*\"]\n"
+        ));
+        assert!(e.contains("'*' is only allowed"), "{e}");
         let e = err(&format!("{GOOD}  delegation:\n    maxDepth: 0\n"));
         assert!(e.contains("spec.delegation.maxDepth"), "{e}");
         let e = err(&format!("{GOOD}  delegation:\n    widen: true\n"));

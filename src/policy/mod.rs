@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::token::TokenRules;
 
 /// Default X509-SVID lifetime.
 pub const DEFAULT_X509_TTL: Duration = Duration::from_secs(3600);
@@ -40,8 +41,8 @@ pub struct Policy {
     pub x509_ttl: Duration,
     pub jwt_ttl: Duration,
     pub composite: Option<Arc<CompositeSpec>>,
-    pub tokens: Option<Arc<TokensSpec>>,
-    pub delegation: Option<Arc<DelegationSpec>>,
+    /// Task tokens it may mint and to whom it may delegate (`spec.tokens`, `spec.delegation`).
+    pub token_rules: Arc<TokenRules>,
 }
 
 /// One identity a caller is entitled to.
@@ -55,8 +56,7 @@ pub struct Entitlement {
     pub x509_ttl: Duration,
     pub jwt_ttl: Duration,
     /// Task tokens it may mint under this identity, and to whom it may delegate.
-    pub tokens: Option<Arc<TokensSpec>>,
-    pub delegation: Option<Arc<DelegationSpec>>,
+    pub token_rules: Arc<TokenRules>,
 }
 
 /// All policies in force, in a stable order: files sorted by path, documents in file order.
@@ -117,8 +117,7 @@ impl PolicySet {
                     x509_ttl: p.x509_ttl,
                     jwt_ttl: p.jwt_ttl,
                     composite: p.composite.clone(),
-                    tokens: p.tokens.clone(),
-                    delegation: p.delegation.clone(),
+                    token_rules: p.token_rules.clone(),
                 });
             }
         }
@@ -157,8 +156,7 @@ impl PolicySet {
             x509_ttl: DEFAULT_X509_TTL,
             jwt_ttl: DEFAULT_JWT_TTL,
             composite: None,
-            tokens: None,
-            delegation: None,
+            token_rules: Arc::default(),
         }])
     }
 }

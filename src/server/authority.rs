@@ -311,7 +311,8 @@ mod tests {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let jwt = a
             .with_jwt_signer(|s| token::mint(req, &caller, &rules, s, &td(), now))
-            .unwrap();
+            .unwrap()
+            .token;
         let bundle = a.bundle();
         let claims = token::verify(
             &jwt,

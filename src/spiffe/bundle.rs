@@ -124,6 +124,80 @@ impl SpiffeBundle {
     }
 }
 
+/// Largest bundle document accepted, in bytes; a real one is a few KiB.
+pub const MAX_BUNDLE_BYTES: usize = 1 << 20;
+
+/// Why a bundle document could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BundleError {
+    #[error("bundle document is {0} bytes, over the limit of {MAX_BUNDLE_BYTES}")]
+    TooLarge(usize),
+    #[error("bundle document is not a JWK Set: {0}")]
+    Json(String),
+    #[error("key {index}: {reason}")]
+    Key { index: usize, reason: String },
+}
+
+impl SpiffeBundle {
+    /// Reads a SPIFFE bundle document or a plain JWKS (as `FetchJWTBundles` carries it).
+    ///
+    /// `x509-svid` entries contribute their single `x5c` certificate; `jwt-svid` entries and
+    /// entries without `use` are JWT keys and must be EC P-256 with a `kid`. Entries with
+    /// another `use` are skipped, as the bundle standard asks; a malformed entry of a known
+    /// use is an error naming it, so a broken document never half-loads.
+    pub fn from_json(doc: &[u8]) -> Result<Self, BundleError> {
+        if doc.len() > MAX_BUNDLE_BYTES {
+            return Err(BundleError::TooLarge(doc.len()));
+        }
+        let set: JwkSet =
+            serde_json::from_slice(doc).map_err(|e| BundleError::Json(e.to_string()))?;
+        let mut bundle = SpiffeBundle {
+            sequence: set.spiffe_sequence.unwrap_or(0),
+            refresh_hint_secs: set.spiffe_refresh_hint.unwrap_or(0),
+            ..Default::default()
+        };
+        for (index, k) in set.keys.into_iter().enumerate() {
+            let bad = |reason: &str| BundleError::Key {
+                index,
+                reason: reason.to_owned(),
+            };
+            match k.use_.as_deref() {
+                Some("x509-svid") => {
+                    let [cert] = k.x5c.as_deref().unwrap_or_default() else {
+                        return Err(bad("an x509-svid entry must have exactly one x5c"));
+                    };
+                    let der = STANDARD
+                        .decode(cert)
+                        .map_err(|_| bad("x5c is not standard base64"))?;
+                    bundle.x509_authorities.push(der);
+                }
+                None | Some("jwt-svid") => {
+                    let kid = k
+                        .kid
+                        .filter(|k| !k.is_empty())
+                        .ok_or_else(|| bad("a JWT key must have a kid"))?;
+                    if k.kty != "EC" || k.crv.as_deref() != Some("P-256") {
+                        return Err(bad(
+                            "a JWT key must be EC P-256 (the only JWT-SVID key type served here)",
+                        ));
+                    }
+                    let coordinate = |c: Option<String>| {
+                        c.and_then(|c| URL_SAFE_NO_PAD.decode(c).ok())
+                            .filter(|c| c.len() == 32)
+                            .ok_or_else(|| bad("x and y must be 32-byte base64url coordinates"))
+                    };
+                    let mut public_sec1 = vec![0x04];
+                    public_sec1.extend(coordinate(k.x)?);
+                    public_sec1.extend(coordinate(k.y)?);
+                    bundle.jwt_authorities.push(JwtKey { kid, public_sec1 });
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(bundle)
+    }
+}
+
 /// Splits an uncompressed P-256 point into its coordinates.
 fn ec_p256_coordinates(sec1: &[u8]) -> Option<(&[u8], &[u8])> {
     match sec1 {
@@ -191,6 +265,53 @@ mod tests {
         assert_eq!(x509["x5c"][0], "CQkJ", "standard base64");
         assert_eq!(keys[1]["use"], "jwt-svid");
         assert_eq!(keys[1]["kid"], "k1");
+    }
+
+    #[test]
+    fn documents_read_back_and_garbage_is_refused() {
+        let mut point = vec![0x04];
+        point.extend([3u8; 64]);
+        let b = SpiffeBundle {
+            jwt_authorities: vec![key()],
+            sequence: 3,
+            refresh_hint_secs: 300,
+            ..Default::default()
+        };
+        let doc = b.to_spiffe_json(&[(vec![9, 9, 9], point)]);
+        let back = SpiffeBundle::from_json(&doc).unwrap();
+        assert_eq!(back.jwt_authorities, b.jwt_authorities);
+        assert_eq!(back.x509_authorities, vec![vec![9, 9, 9]]);
+        assert_eq!((back.sequence, back.refresh_hint_secs), (3, 300));
+        let jwks = SpiffeBundle::from_json(&b.jwks_json()).unwrap();
+        assert_eq!(jwks.jwt_authorities, b.jwt_authorities);
+
+        let refused = |doc: &str| {
+            SpiffeBundle::from_json(doc.as_bytes())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(refused("[1]").starts_with("bundle document is not a JWK Set"));
+        assert!(
+            refused(r#"{"keys":[{"kty":"EC","crv":"P-256","x":"AA","y":"AA"}]}"#)
+                .contains("key 0: a JWT key must have a kid")
+        );
+        assert!(refused(r#"{"keys":[{"kty":"RSA","kid":"k"}]}"#).contains("EC P-256"));
+        assert!(
+            refused(r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k","x":"AA","y":"AA"}]}"#)
+                .contains("32-byte")
+        );
+        assert!(
+            refused(r#"{"keys":[{"kty":"EC","use":"x509-svid"}]}"#).contains("exactly one x5c")
+        );
+        // Keys of another use are skipped, not refused.
+        let other =
+            SpiffeBundle::from_json(br#"{"keys":[{"kty":"EC","use":"wit-svid"}]}"#).unwrap();
+        assert!(other.jwt_authorities.is_empty());
+        let big = vec![b' '; MAX_BUNDLE_BYTES + 1];
+        assert!(matches!(
+            SpiffeBundle::from_json(&big),
+            Err(BundleError::TooLarge(_))
+        ));
     }
 
     #[test]

@@ -2,5 +2,5 @@
 mod bundle;
 mod id;
 
-pub use bundle::{Jwk, JwkSet, JwtKey, SpiffeBundle};
+pub use bundle::{BundleError, Jwk, JwkSet, JwtKey, MAX_BUNDLE_BYTES, SpiffeBundle};
 pub use id::{IdError, MAX_ID_LEN, MAX_TRUST_DOMAIN_LEN, SpiffeId, TrustDomain};

@@ -63,6 +63,14 @@ pub struct DelegateRequest {
     pub ttl: Option<Duration>,
 }
 
+/// A signed task token and the claims it carries (for the issuance record and the reply).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// The compact JWS.
+    pub token: String,
+    pub claims: TaskClaims,
+}
+
 /// Why a token was not issued. Each variant is one rule; `rule()` names it stably.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
@@ -139,7 +147,7 @@ pub fn mint(
     signer: &JwtSigner,
     td: &TrustDomain,
     now: i64,
-) -> Result<String, Refusal> {
+) -> Result<Issued, Refusal> {
     check_caller(caller, td)?;
     if req.audience.is_empty() {
         return Err(Refusal::AudienceRequired);
@@ -186,7 +194,8 @@ pub fn mint(
             max_depth: depth,
         },
     };
-    signer.sign(TYP, &claims).map_err(Refusal::Signing)
+    let token = signer.sign(TYP, &claims).map_err(Refusal::Signing)?;
+    Ok(Issued { token, claims })
 }
 
 /// Delegates `parent` (held by `caller`) to `req.child` at `now` (Unix seconds).
@@ -202,7 +211,7 @@ pub fn delegate(
     bundle: &SpiffeBundle,
     fan_out: &FanOut,
     now: i64,
-) -> Result<String, Refusal> {
+) -> Result<Issued, Refusal> {
     check_caller(caller, td)?;
     let parent =
         verify_unscoped(parent, |t| (t == td).then_some(bundle), now).map_err(|e| match e {
@@ -276,10 +285,13 @@ pub fn delegate(
             max_depth: parent.tctx.max_depth,
         },
     };
-    signer.sign(TYP, &claims).map_err(|e| {
-        fan_out.release(&txn, &caller.id);
-        Refusal::Signing(e)
-    })
+    match signer.sign(TYP, &claims) {
+        Ok(token) => Ok(Issued { token, claims }),
+        Err(e) => {
+            fan_out.release(&txn, &caller.id);
+            Err(Refusal::Signing(e))
+        }
+    }
 }
 
 fn check_caller(caller: &Caller, td: &TrustDomain) -> Result<(), Refusal> {

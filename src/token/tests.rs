@@ -39,7 +39,7 @@ impl Fixture {
         caller: &Caller,
         rules: &TokenRules,
     ) -> Result<String, Refusal> {
-        mint(req, caller, rules, &self.signer, &self.td, NOW)
+        mint(req, caller, rules, &self.signer, &self.td, NOW).map(|i| i.token)
     }
 
     fn delegate_at(
@@ -61,6 +61,7 @@ impl Fixture {
             &self.fan_out,
             now,
         )
+        .map(|i| i.token)
     }
 
     fn delegate(
@@ -464,7 +465,9 @@ fn delegate_refusals_name_their_rule() {
     );
     assert_rule(f.delegate("x.y.z", ok(), &orch, &rules), "parent_invalid");
     let stranger = JwtSigner::new(PrivateKey::generate().unwrap());
-    let forged = mint(root_request(), &orch, &rules, &stranger, &f.td, NOW).unwrap();
+    let forged = mint(root_request(), &orch, &rules, &stranger, &f.td, NOW)
+        .unwrap()
+        .token;
     let e = assert_rule(f.delegate(&forged, ok(), &orch, &rules), "parent_invalid");
     assert!(matches!(
         e,
@@ -775,7 +778,9 @@ fn random_delegations_never_widen() {
                 audience: strings(&["ledger"]),
                 ..Default::default()
             };
-            let t = mint(req, &holder, &rules, &f.signer, &f.td, now).unwrap();
+            let t = mint(req, &holder, &rules, &f.signer, &f.td, now)
+                .unwrap()
+                .token;
             let c = f.verify_at(&t, "ledger", Some(&holder.id), now).unwrap();
             pool.push((t, c, holder));
         }

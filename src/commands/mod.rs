@@ -1,4 +1,5 @@
 //! The client subcommands: talk to the Workload API like any workload would.
+pub mod token;
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
@@ -21,7 +22,7 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
 }
 
 /// Turns a gRPC status into an error that says what to do next.
-fn explain(status: tonic::Status) -> anyhow::Error {
+pub(super) fn explain(status: tonic::Status) -> anyhow::Error {
     let hint = match status.code() {
         Code::PermissionDenied => {
             // SAFETY: getuid cannot fail.
@@ -264,7 +265,7 @@ pub async fn jwt_validate(args: ClientArgs, audience: String, token: String) -> 
 }
 
 /// The token argument, or stdin for `-`.
-fn read_token(arg: &str) -> anyhow::Result<String> {
+pub(super) fn read_token(arg: &str) -> anyhow::Result<String> {
     if arg != "-" {
         return Ok(arg.to_owned());
     }
@@ -275,7 +276,7 @@ fn read_token(arg: &str) -> anyhow::Result<String> {
     Ok(s.trim().to_owned())
 }
 
-fn unix_now() -> i64 {
+pub(super) fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
@@ -400,7 +401,7 @@ pub fn audit_verify(file: &Path, any_start: bool) -> anyhow::Result<()> {
     }
 }
 
-fn struct_to_json(s: prost_types::Struct) -> serde_json::Value {
+pub(super) fn struct_to_json(s: prost_types::Struct) -> serde_json::Value {
     serde_json::Value::Object(
         s.fields
             .into_iter()
