@@ -47,6 +47,14 @@ fn quick_bench_reports_every_figure_against_the_floor() {
     assert!(report["issuance"]["issued_per_sec"].as_f64().unwrap() > 0.0);
     assert!(report["issuance"]["keyed_issued_per_sec"].as_f64().unwrap() > 0.0);
     assert!(report["issuance"]["raw_signs_per_sec"].as_f64().unwrap() > 0.0);
+    let tokens = &report["tokens"];
+    for call in ["fetch_jwt", "mint", "delegate"] {
+        assert!(tokens[call]["calls"].as_u64().unwrap() > 0, "{tokens}");
+        assert!(tokens[call]["p99_ms"].as_f64().unwrap() > 0.0, "{tokens}");
+    }
+    assert!(tokens["mint_ratio_p50"].as_f64().unwrap() > 0.0, "{tokens}");
+    assert!(tokens["verify_per_sec"].as_f64().unwrap() > 0.0, "{tokens}");
+    assert!(tokens["raw_verify_per_sec"].as_f64().unwrap() > 0.0, "{tokens}");
     let drift = &report["drift"];
     assert_eq!(drift["samples"], 5);
     assert!(drift["p50_ms"].as_f64().unwrap() > 0.0, "{drift}");

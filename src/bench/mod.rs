@@ -13,6 +13,7 @@ pub mod pods;
 pub mod procs;
 pub mod signing;
 pub mod stats;
+pub mod tokens;
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -38,6 +39,7 @@ pub struct Report {
     pub jwt: Vec<Level>,
     pub rss: Rss,
     pub issuance: Signing,
+    pub tokens: tokens::Tokens,
     pub drift: attest::Drift,
     pub pods: attest::Pods,
     pub targets: Vec<Target>,
@@ -169,6 +171,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || signing::measure(&state, &id, window, rounds))
             .await??;
 
+    progress("task tokens: mint and delegate through the socket, verification");
+    let tokens = tokens::measure(&exe, dir.path(), plan.window, plan.rounds).await?;
+
     progress("Kubernetes attestation against pod index size");
     let pods = attest::pods(&args.pod_levels, if args.quick { 200 } else { 5000 }).await;
 
@@ -188,6 +193,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         jwt,
         rss,
         issuance,
+        tokens,
         drift,
         pods,
     };
@@ -419,6 +425,43 @@ pub fn render(r: &Report) -> String {
         i.keyed_ratio,
         format!("{:.0}/s", i.keyed_issued_per_sec),
         format!("{:.0}/s", i.raw_signs_per_sec),
+    );
+    out.push('\n');
+    let t = &r.tokens;
+    head(&mut out, "Task tokens, 1 client", "p50 / p99", "per call");
+    let ms2 = |s: &Summary| format!("{:.3}/{:.3}", s.p50_ms, s.p99_ms);
+    let cpu = |s: &Summary| format!("{:.0} us CPU", s.server_cpu_us);
+    row(
+        &mut out,
+        "FetchJWTSVID (baseline)",
+        None,
+        1.0,
+        ms2(&t.fetch_jwt),
+        cpu(&t.fetch_jwt),
+    );
+    row(
+        &mut out,
+        "MintTaskToken, ms",
+        None,
+        t.mint_ratio_p50,
+        ms2(&t.mint),
+        cpu(&t.mint),
+    );
+    row(
+        &mut out,
+        "Delegate, ms",
+        None,
+        t.delegate_ratio_p50,
+        ms2(&t.delegate),
+        cpu(&t.delegate),
+    );
+    row(
+        &mut out,
+        "verify / ES256 verify, 1 core",
+        None,
+        t.verify_ratio,
+        format!("{:.0}/s", t.verify_per_sec),
+        format!("{:.0}/s", t.raw_verify_per_sec),
     );
     out.push('\n');
     match &r.pods.unavailable {

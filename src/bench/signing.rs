@@ -77,8 +77,9 @@ pub fn measure(
     })
 }
 
+/// Operations done and the time they took.
 #[derive(Default)]
-struct Count {
+pub(super) struct Count {
     ops: u64,
     time: Duration,
 }
@@ -91,12 +92,13 @@ impl std::ops::AddAssign for Count {
 }
 
 impl Count {
-    fn rate(&self) -> f64 {
+    pub(super) fn rate(&self) -> f64 {
         self.ops as f64 / self.time.as_secs_f64().max(1e-9)
     }
 }
 
-fn count_for(
+/// Runs `op` in batches until `window` has passed.
+pub(super) fn count_for(
     window: Duration,
     mut op: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<Count> {
