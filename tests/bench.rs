@@ -54,7 +54,10 @@ fn quick_bench_reports_every_figure_against_the_floor() {
     }
     assert!(tokens["mint_ratio_p50"].as_f64().unwrap() > 0.0, "{tokens}");
     assert!(tokens["verify_per_sec"].as_f64().unwrap() > 0.0, "{tokens}");
-    assert!(tokens["raw_verify_per_sec"].as_f64().unwrap() > 0.0, "{tokens}");
+    assert!(
+        tokens["raw_verify_per_sec"].as_f64().unwrap() > 0.0,
+        "{tokens}"
+    );
     let drift = &report["drift"];
     assert_eq!(drift["samples"], 5);
     assert!(drift["p50_ms"].as_f64().unwrap() > 0.0, "{drift}");

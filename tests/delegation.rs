@@ -752,3 +752,117 @@ impl rustls::client::danger::ServerCertVerifier for SpiffeServer {
         self.0.supported_verify_schemes()
     }
 }
+
+/// The documented Python relying party (examples/python/verify_task_token.py, PyJWT) accepts
+/// a delegated token from its holder and refuses it from anyone else, edited, unsigned, or
+/// when it is a JWT-SVID rather than a task token. Fails, never skips, without PyJWT.
+#[test]
+fn python_relying_party_verifies_with_pyjwt() {
+    require_root();
+    let probe = Command::new("python3")
+        .args(["-c", "import jwt, cryptography"])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        probe.status.success(),
+        "python3 cannot import PyJWT: run `pip install -r tests/requirements.txt` (.ci/run does)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let d = start(tmp.path(), "");
+    let analyst_id = id("/agent/analyst").to_string();
+    let root = ok_token(cli_as(
+        ORCHESTRATOR,
+        &d,
+        &[
+            "token",
+            "mint",
+            "--audience",
+            "ledger",
+            "--scope",
+            "ledger:read ledger:write",
+        ],
+    ));
+    let token = ok_token(cli_as(
+        ORCHESTRATOR,
+        &d,
+        &[
+            "token",
+            "delegate",
+            "--parent",
+            &root,
+            "--to",
+            &analyst_id,
+            "--scope",
+            "ledger:read",
+        ],
+    ));
+    let (_, bundles) = own_bundle(&d);
+    let doc: Value = serde_json::from_slice(&std::fs::read(bundles).unwrap()).unwrap();
+    let jwks = d.dir.join("jwks.json");
+    std::fs::write(
+        &jwks,
+        doc[format!("spiffe://{TD}")]["jwt_authorities"].to_string(),
+    )
+    .unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python/verify_task_token.py");
+    let run = |token: &str, audience: &str, presenter: &str| {
+        let out = Command::new("python3")
+            .arg(&script)
+            .args(["--jwks", jwks.to_str().unwrap(), "--trust-domain", TD])
+            .args(["--audience", audience, "--presenter", presenter, token])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (code, out, err) = run(&token, "ledger", &analyst_id);
+    assert_eq!(code, Some(0), "{err}");
+    let claims: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(claims["act"]["sub"], analyst_id);
+    assert_eq!(claims["scope"], "ledger:read");
+
+    let refused = |(code, _, err): (Option<i32>, String, String), why: &str| {
+        assert_eq!(code, Some(1), "expected a refusal ({why}): {err}");
+        assert!(err.contains(why), "expected {why:?}: {err}");
+    };
+    refused(
+        run(&token, "ledger", &id("/agent/orchestrator").to_string()),
+        "is not the token's holder",
+    );
+    refused(
+        run(&token, "payroll", &analyst_id),
+        "Audience doesn't match",
+    );
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut claims_json: Value = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+    claims_json["scope"] = "ledger:read ledger:write".into();
+    let edited = format!(
+        "{}.{}.{}",
+        parts[0],
+        b64.encode(claims_json.to_string()),
+        parts[2]
+    );
+    refused(
+        run(&edited, "ledger", &analyst_id),
+        "Signature verification failed",
+    );
+    let mut header: Value = serde_json::from_slice(&b64.decode(parts[0]).unwrap()).unwrap();
+    header["alg"] = "none".into();
+    let unsigned = format!("{}.{}.", b64.encode(header.to_string()), parts[1]);
+    refused(
+        run(&unsigned, "ledger", &analyst_id),
+        "alg 'none' is not ES256",
+    );
+    let (ok, svid, err) = cli_as(ANALYST, &d, &["jwt", "fetch", "--audience", "ledger"]);
+    assert!(ok, "{err}");
+    refused(
+        run(&svid, "ledger", &analyst_id),
+        "typ 'JWT' is not txntoken+jwt",
+    );
+}
