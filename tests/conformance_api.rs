@@ -16,7 +16,7 @@ use agentid::api::workload::{
     JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, WitBundlesRequest, WitsvidRequest,
     X509BundlesRequest, X509svidRequest, X509svidResponse,
 };
-use common::{Daemon, my_uid};
+use common::{Daemon, cli_as, my_uid};
 use conformance::*;
 use prost::Message;
 use tokio::time::timeout;
@@ -493,22 +493,6 @@ fn require_root() {
         0,
         "this test needs root to run a process as another uid"
     );
-}
-
-/// Runs the CLI as `uid` against `d`; returns (success, stdout, stderr).
-fn cli_as(uid: u32, d: &Daemon, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(common::bin())
-        .args(args)
-        .env("SPIFFE_ENDPOINT_SOCKET", d.endpoint())
-        .uid(uid)
-        .gid(uid)
-        .output()
-        .expect("run agentid as another uid");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// EP-08, EP-09, X-05, XB-02, J-04, JB-04: callers are identified by the kernel's account of

@@ -9,7 +9,6 @@ mod common;
 mod conformance;
 
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -17,7 +16,7 @@ use std::time::Duration;
 
 use agentid::spiffe::{SpiffeBundle, SpiffeId, TrustDomain};
 use agentid::token::{self, TaskClaims};
-use common::{Daemon, my_uid};
+use common::{Daemon, cli_as, my_uid};
 use conformance::{TD, policy, start_with};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -67,27 +66,34 @@ fn start(dir: &Path, orchestrator_limits: &str) -> Daemon {
     start_with(dir, &agents(orchestrator_limits), &[])
 }
 
-/// Runs the CLI as `uid`; (success, stdout, stderr).
-fn cli_as(uid: u32, d: &Daemon, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(common::bin())
-        .args(args)
-        .env("SPIFFE_ENDPOINT_SOCKET", d.endpoint())
-        .uid(uid)
-        .gid(uid)
-        .output()
-        .expect("run agentid as another uid");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// `token mint --audience ledger --scope SCOPE EXTRA…` as `uid`.
+fn mint_as(uid: u32, d: &Daemon, scope: &str, extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec!["token", "mint", "--audience", "ledger", "--scope", scope];
+    args.extend_from_slice(extra);
+    cli_as(uid, d, &args)
+}
+
+/// `token delegate --parent PARENT --to TO --scope SCOPE EXTRA…` as `uid`.
+fn delegate_as(
+    uid: u32,
+    d: &Daemon,
+    parent: &str,
+    to: &str,
+    scope: &str,
+    extra: &[&str],
+) -> (bool, String, String) {
+    let mut args = vec![
+        "token", "delegate", "--parent", parent, "--to", to, "--scope", scope,
+    ];
+    args.extend_from_slice(extra);
+    cli_as(uid, d, &args)
 }
 
 /// A token the CLI printed, or a panic with its stderr.
 #[track_caller]
 fn ok_token(r: (bool, String, String)) -> String {
     assert!(r.0, "expected a token, got: {}", r.2);
-    r.1
+    r.1.trim().to_owned()
 }
 
 /// Asserts the CLI refused with `rule`, on stderr, with a non-zero exit.
@@ -140,51 +146,31 @@ async fn delegation_chain_and_presenter_binding_over_mtls() {
     let tmp = tempfile::tempdir().unwrap();
     let d = start(tmp.path(), "    maxDepth: 2\n    maxFanOut: 3\n");
 
-    let root = ok_token(cli_as(
+    let (analyst_id, reader_id) = (
+        id("/agent/analyst").to_string(),
+        id("/agent/reader").to_string(),
+    );
+    let root = ok_token(mint_as(
         ORCHESTRATOR,
         &d,
-        &[
-            "token",
-            "mint",
-            "--audience",
-            "ledger",
-            "--scope",
-            "ledger:read ledger:write",
-            "--purpose",
-            "reconcile march",
-            "--ttl",
-            "4m",
-        ],
+        "ledger:read ledger:write",
+        &["--purpose", "reconcile march", "--ttl", "4m"],
     ));
-    let analyst = ok_token(cli_as(
+    let analyst = ok_token(delegate_as(
         ORCHESTRATOR,
         &d,
-        &[
-            "token",
-            "delegate",
-            "--parent",
-            &root,
-            "--to",
-            &id("/agent/analyst").to_string(),
-            "--scope",
-            "ledger:read",
-            "--ttl",
-            "2m",
-        ],
+        &root,
+        &analyst_id,
+        "ledger:read",
+        &["--ttl", "2m"],
     ));
-    let reader = ok_token(cli_as(
+    let reader = ok_token(delegate_as(
         ANALYST,
         &d,
-        &[
-            "token",
-            "delegate",
-            "--parent",
-            &analyst,
-            "--to",
-            &id("/agent/reader").to_string(),
-            "--scope",
-            "ledger:read",
-        ],
+        &analyst,
+        &reader_id,
+        "ledger:read",
+        &[],
     ));
 
     let (c0, c1, c2) = (claims(&root), claims(&analyst), claims(&reader));
@@ -232,19 +218,13 @@ async fn delegation_chain_and_presenter_binding_over_mtls() {
 
     // The reader cannot go further: its policy names no children.
     refused(
-        cli_as(
+        delegate_as(
             READER,
             &d,
-            &[
-                "token",
-                "delegate",
-                "--parent",
-                &reader,
-                "--to",
-                &id("/agent/x").to_string(),
-                "--scope",
-                "ledger:read",
-            ],
+            &reader,
+            &id("/agent/x").to_string(),
+            "ledger:read",
+            &[],
         ),
         "child_not_allowed",
     );
@@ -345,57 +325,17 @@ async fn refusals_name_their_rule() {
     let d = start(tmp.path(), "    maxDepth: 1\n    maxFanOut: 1\n");
     let analyst_id = id("/agent/analyst").to_string();
     let reader_id = id("/agent/reader").to_string();
-    let mint = |extra: &[&str]| {
-        let mut args = vec![
-            "token",
-            "mint",
-            "--audience",
-            "ledger",
-            "--scope",
-            "ledger:read",
-        ];
-        args.extend_from_slice(extra);
-        cli_as(ORCHESTRATOR, &d, &args)
-    };
-    let delegate = |uid: u32, parent: &str, to: &str, scope: &str, extra: &[&str]| {
-        let mut args = vec![
-            "token", "delegate", "--parent", parent, "--to", to, "--scope", scope,
-        ];
-        args.extend_from_slice(extra);
-        cli_as(uid, &d, &args)
+    let mint = |extra: &[&str]| mint_as(ORCHESTRATOR, &d, "ledger:read", extra);
+    let delegate = |uid, parent: &str, to: &str, scope: &str, extra: &[&str]| {
+        delegate_as(uid, &d, parent, to, scope, extra)
     };
 
     // Policy on minting.
-    refused(
-        cli_as(
-            ORCHESTRATOR,
-            &d,
-            &[
-                "token",
-                "mint",
-                "--audience",
-                "payroll",
-                "--scope",
-                "ledger:read",
-            ],
-        ),
-        "audience_not_allowed",
-    );
+    refused(mint(&["--audience", "payroll"]), "audience_not_allowed");
     refused(mint(&["--scope", "ledger:admin"]), "scope_not_allowed");
     refused(mint(&["--subject", "user:alice"]), "subject_not_allowed");
     let e = refused(
-        cli_as(
-            ANALYST,
-            &d,
-            &[
-                "token",
-                "mint",
-                "--audience",
-                "ledger",
-                "--scope",
-                "ledger:read",
-            ],
-        ),
+        mint_as(ANALYST, &d, "ledger:read", &[]),
         "audience_not_allowed",
     );
     assert!(e.contains("ledger"), "{e}");
@@ -496,18 +436,7 @@ async fn refusals_name_their_rule() {
     );
 
     // A caller with no identity gets no token, and the usual Workload API answer.
-    let (ok, out, err) = cli_as(
-        NOBODY,
-        &d,
-        &[
-            "token",
-            "mint",
-            "--audience",
-            "ledger",
-            "--scope",
-            "ledger:read",
-        ],
-    );
+    let (ok, out, err) = mint_as(NOBODY, &d, "ledger:read", &[]);
     assert!(!ok && out.is_empty());
     assert!(
         err.contains("permission denied: no identity issued"),
@@ -515,20 +444,7 @@ async fn refusals_name_their_rule() {
     );
 
     // Bad requests are refused before anything is signed.
-    let (ok, _, err) = cli_as(
-        ORCHESTRATOR,
-        &d,
-        &[
-            "token",
-            "delegate",
-            "--parent",
-            &root,
-            "--to",
-            "not-an-id",
-            "--scope",
-            "ledger:read",
-        ],
-    );
+    let (ok, _, err) = delegate(ORCHESTRATOR, &root, "not-an-id", "ledger:read", &[]);
     assert!(!ok && err.contains("invalid child_spiffe_id"), "{err}");
     refused(mint(&["--scope", "a\"b"]), "invalid_request");
 
@@ -770,31 +686,14 @@ fn python_relying_party_verifies_with_pyjwt() {
     let tmp = tempfile::tempdir().unwrap();
     let d = start(tmp.path(), "");
     let analyst_id = id("/agent/analyst").to_string();
-    let root = ok_token(cli_as(
+    let root = ok_token(mint_as(ORCHESTRATOR, &d, "ledger:read ledger:write", &[]));
+    let token = ok_token(delegate_as(
         ORCHESTRATOR,
         &d,
-        &[
-            "token",
-            "mint",
-            "--audience",
-            "ledger",
-            "--scope",
-            "ledger:read ledger:write",
-        ],
-    ));
-    let token = ok_token(cli_as(
-        ORCHESTRATOR,
-        &d,
-        &[
-            "token",
-            "delegate",
-            "--parent",
-            &root,
-            "--to",
-            &analyst_id,
-            "--scope",
-            "ledger:read",
-        ],
+        &root,
+        &analyst_id,
+        "ledger:read",
+        &[],
     ));
     let (_, bundles) = own_bundle(&d);
     let doc: Value = serde_json::from_slice(&std::fs::read(bundles).unwrap()).unwrap();
@@ -862,7 +761,7 @@ fn python_relying_party_verifies_with_pyjwt() {
     let (ok, svid, err) = cli_as(ANALYST, &d, &["jwt", "fetch", "--audience", "ledger"]);
     assert!(ok, "{err}");
     refused(
-        run(&svid, "ledger", &analyst_id),
+        run(svid.trim(), "ledger", &analyst_id),
         "typ 'JWT' is not txntoken+jwt",
     );
 }

@@ -509,14 +509,6 @@ mod tests {
         fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>> {
             self.bundles.subscribe()
         }
-        async fn task_token(
-            &self,
-            _: crate::node::issuer::TaskTokenRequest,
-        ) -> Result<crate::token::Issued, crate::node::issuer::TaskTokenError> {
-            Err(crate::node::issuer::TaskTokenError::Unavailable(
-                IssueError("this test issuer signs no task tokens".into()),
-            ))
-        }
     }
 
     fn setup(dir: &std::path::Path) -> (Arc<Flaky>, SvidCache, SvidKey, NodeMetrics) {
@@ -688,14 +680,6 @@ mod tests {
             }
             fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>> {
                 unreachable!()
-            }
-            async fn task_token(
-                &self,
-                _: crate::node::issuer::TaskTokenRequest,
-            ) -> Result<crate::token::Issued, crate::node::issuer::TaskTokenError> {
-                Err(crate::node::issuer::TaskTokenError::Unavailable(
-                    IssueError("this test issuer signs no task tokens".into()),
-                ))
             }
         }
         let dir = tempfile::tempdir().unwrap();

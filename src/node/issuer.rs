@@ -100,6 +100,12 @@ pub trait SvidIssuer: Send + Sync + 'static {
     async fn sign_jwt(&self, req: JwtRequest) -> Result<String, IssueError>;
     /// The trust bundles, updated on every change.
     fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>>;
-    /// Checks a task-token request against its rules and signs the token.
-    async fn task_token(&self, req: TaskTokenRequest) -> Result<Issued, TaskTokenError>;
+    /// Checks a task-token request against its rules and signs the token. An issuer that
+    /// signs no task tokens keeps this default, and every request is `Unavailable`.
+    async fn task_token(&self, req: TaskTokenRequest) -> Result<Issued, TaskTokenError> {
+        let _ = req;
+        Err(TaskTokenError::Unavailable(IssueError(
+            "this issuer signs no task tokens".into(),
+        )))
+    }
 }

@@ -964,14 +964,6 @@ mod tests {
         fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>> {
             self.bundles.subscribe()
         }
-        async fn task_token(
-            &self,
-            _: crate::node::issuer::TaskTokenRequest,
-        ) -> Result<crate::token::Issued, crate::node::issuer::TaskTokenError> {
-            Err(crate::node::issuer::TaskTokenError::Unavailable(
-                IssueError("this test issuer signs no task tokens".into()),
-            ))
-        }
     }
 
     fn policies(td: &TrustDomain, names: &[&str]) -> Arc<PolicySet> {

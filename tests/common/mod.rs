@@ -170,6 +170,23 @@ pub fn cli(socket: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs the CLI as `uid` (and gid `uid`) against `d`; returns (success, stdout, stderr).
+pub fn cli_as(uid: u32, d: &Daemon, args: &[&str]) -> (bool, String, String) {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(bin())
+        .args(args)
+        .env("SPIFFE_ENDPOINT_SOCKET", d.endpoint())
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .expect("run agentid as another uid");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Writes a policy file and returns its path.
 pub fn write_policy(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     let path = dir.join(name);
