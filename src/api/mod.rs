@@ -11,5 +11,8 @@ pub mod delegation {
     tonic::include_proto!("agentid.v1");
 }
 
+/// gRPC metadata key of a Delegation refusal: the refusing rule's name (e.g. `scope_widening`).
+pub const REFUSAL_RULE: &str = "agentid-refusal-rule";
+
 /// Encoded descriptors of our protos, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");

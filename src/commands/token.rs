@@ -9,10 +9,10 @@ use anyhow::{Context, bail};
 use serde_json::json;
 
 use super::{explain, read_token, struct_to_json, unix_now};
+use crate::api::REFUSAL_RULE;
 use crate::api::delegation as pb;
 use crate::cli::{ClientArgs, TokenDelegateArgs, TokenMintArgs};
 use crate::client;
-use crate::node::delegation::REFUSAL_RULE;
 use crate::spiffe::{MAX_BUNDLE_BYTES, SpiffeBundle, SpiffeId, TrustDomain};
 use crate::token;
 

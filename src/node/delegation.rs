@@ -16,15 +16,13 @@ use super::peer::PeerInfo;
 use super::workload_api::{
     Entitled, Issuable, WorkloadApi, audit_identity, audit_selectors, peer_of, to_struct,
 };
+use crate::api::REFUSAL_RULE;
 use crate::api::delegation as pb;
 use crate::audit::{
     Action, Attestation, AuditEvent, Credential, CredentialKind, Decision, Delegation, Identity,
 };
 use crate::spiffe::SpiffeId;
 use crate::token::{self, Issued, Refusal};
-
-/// gRPC metadata key carrying the refusing rule's name (e.g. `scope_widening`).
-pub const REFUSAL_RULE: &str = "agentid-refusal-rule";
 
 /// The Delegation service: the Workload API's attestation, and an issuer that signs.
 #[derive(Clone)]
