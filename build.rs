@@ -2,7 +2,14 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let files = protox::compile(["workload.proto", "agentid/v1/delegation.proto"], ["proto"])?;
+    let files = protox::compile(
+        [
+            "workload.proto",
+            "agentid/v1/delegation.proto",
+            "agentid/v1/node.proto",
+        ],
+        ["proto"],
+    )?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(
         out.join("descriptor.bin"),

@@ -16,6 +16,7 @@ pub mod inspect;
 pub mod metrics;
 pub mod node;
 pub mod policy;
+pub mod policy_watch;
 pub mod server;
 pub mod spiffe;
 pub mod token;

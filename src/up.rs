@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::admin::{self, Readiness};
 use crate::audit::AuditLog;
 use crate::metrics::NodeMetrics;
+use crate::node;
 use crate::node::attest::UnixAttestor;
 use crate::node::attest::WorkloadAttestor;
 use crate::node::attest::k8s::K8sAttestor;
@@ -28,8 +29,8 @@ use crate::node::issuer::{
 use crate::node::k8s::{self as pods, K8sConfig, PodIndex, SourceHandle};
 use crate::node::uds::WorkloadSocket;
 use crate::node::workload_api::WorkloadApi;
-use crate::node::{self, policy_watch};
 use crate::policy::{PolicySet, load_paths};
+use crate::policy_watch;
 use crate::server::{Authority, AuthorityConfig};
 use crate::spiffe::TrustDomain;
 use crate::token::{self, FanOut, Issued};
@@ -194,7 +195,7 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
             td.clone(),
             policy_tx.clone(),
             audit.clone(),
-            metrics.clone(),
+            metrics.policy_reload_failures.clone(),
         )?;
     }
     let composer = Arc::new(Composer::new());

@@ -5,11 +5,16 @@ pub mod workload {
     tonic::include_proto!("_");
 }
 
-/// Generated task-token and delegation API code (`agentid.v1.Delegation`).
+/// Generated code of agentid's own services (package `agentid.v1`).
 #[allow(clippy::all, missing_docs)]
-pub mod delegation {
+pub mod v1 {
     tonic::include_proto!("agentid.v1");
 }
+
+/// The task-token and delegation API (`agentid.v1.Delegation`).
+pub use v1 as delegation;
+/// The node daemon ⇄ server API (`agentid.v1.Node`, `agentid.v1.ServerAdmin`).
+pub use v1 as node;
 
 /// gRPC metadata key of a Delegation refusal: the refusing rule's name (e.g. `scope_widening`).
 pub const REFUSAL_RULE: &str = "agentid-refusal-rule";

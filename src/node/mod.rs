@@ -8,7 +8,6 @@ pub mod h2_authority;
 pub mod issuer;
 pub mod k8s;
 pub mod peer;
-pub mod policy_watch;
 pub mod uds;
 pub mod workload_api;
 

@@ -449,10 +449,14 @@ fn is_dns_subdomain(s: &str) -> bool {
         })
 }
 
-/// Loads every policy named by `paths` (files, or directories of `*.yaml` / `*.yml`).
-///
-/// Files are read in sorted path order, so the order of identities is stable.
+/// Reads and validates every policy file under `paths`: files as given, `*.yaml` / `*.yml` in
+/// directories (sorted). The set keeps the texts it was read from (see [`PolicySet::sources`]).
 pub fn load_paths(paths: &[PathBuf], td: &TrustDomain) -> Result<PolicySet, PolicyError> {
+    from_sources(read_sources(paths)?, td)
+}
+
+/// The texts of the policy files under `paths`, in load order.
+pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<PolicySource>, PolicyError> {
     let mut files = Vec::new();
     for path in paths {
         let io = |source| PolicyError::Io {
@@ -474,14 +478,31 @@ pub fn load_paths(paths: &[PathBuf], td: &TrustDomain) -> Result<PolicySet, Poli
             files.push(path.clone());
         }
     }
+    files
+        .into_iter()
+        .map(|file| {
+            let text = std::fs::read_to_string(&file).map_err(|source| PolicyError::Io {
+                path: file.clone(),
+                source,
+            })?;
+            Ok(PolicySource {
+                origin: file.display().to_string(),
+                text,
+            })
+        })
+        .collect()
+}
+
+/// Parses and validates policy texts as one set: names must be unique across all of them.
+/// This is how a node daemon loads what its server sends, exactly as the server loaded it.
+pub fn from_sources(
+    sources: Vec<PolicySource>,
+    td: &TrustDomain,
+) -> Result<PolicySet, PolicyError> {
     let mut policies: Vec<super::Policy> = Vec::new();
-    for file in files {
-        let text = std::fs::read_to_string(&file).map_err(|source| PolicyError::Io {
-            path: file.clone(),
-            source,
-        })?;
-        let name = file.display().to_string();
-        for p in parse_documents(&name, &text, td)? {
+    for source in &sources {
+        let name = &source.origin;
+        for p in parse_documents(name, &source.text, td)? {
             if let Some(first) = policies.iter().find(|q| q.name == p.name) {
                 let doc = p
                     .origin
@@ -490,7 +511,7 @@ pub fn load_paths(paths: &[PathBuf], td: &TrustDomain) -> Result<PolicySet, Poli
                     .and_then(|s| s.trim_end_matches(')').parse().ok())
                     .unwrap_or(0);
                 return Err(PolicyError::DuplicateName {
-                    file: name,
+                    file: name.clone(),
                     doc,
                     name: p.name,
                     first: first.origin.clone(),
@@ -499,7 +520,16 @@ pub fn load_paths(paths: &[PathBuf], td: &TrustDomain) -> Result<PolicySet, Poli
             policies.push(p);
         }
     }
-    Ok(PolicySet::new(policies))
+    Ok(PolicySet::new(policies).with_sources(sources))
+}
+
+/// The text of one policy file (or custom resource), as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySource {
+    /// Where it came from, for messages.
+    pub origin: String,
+    /// YAML, one or more `AgentIdentity` documents.
+    pub text: String,
 }
 
 #[cfg(test)]

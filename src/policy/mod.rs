@@ -7,7 +7,9 @@ mod schema;
 mod template;
 
 pub use facts::{AGENT_NAME_ANNOTATION, K8sFacts, UnixFacts, WorkloadFacts};
-pub use load::{PolicyError, load_paths, parse_documents};
+pub use load::{
+    PolicyError, PolicySource, from_sources, load_paths, parse_documents, read_sources,
+};
 pub use schema::{
     AgentIdentity, Attested, CompositeSpec, DelegationSpec, K8sSelector, LabelSelector, Metadata,
     PinMismatch, Selector, Spec, TokensSpec, UnixSelector,
@@ -63,12 +65,29 @@ pub struct Entitlement {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PolicySet {
     policies: Vec<Policy>,
+    /// The texts the policies were parsed from, when they came from texts.
+    sources: Arc<[PolicySource]>,
 }
 
 impl PolicySet {
     /// Wraps already validated policies (names must be unique).
     pub fn new(policies: Vec<Policy>) -> Self {
-        Self { policies }
+        Self {
+            policies,
+            sources: Arc::new([]),
+        }
+    }
+
+    /// The same policies, remembering the texts they were parsed from.
+    pub fn with_sources(mut self, sources: Vec<PolicySource>) -> Self {
+        self.sources = sources.into();
+        self
+    }
+
+    /// The texts the policies were parsed from (empty for built-in policies): what a server
+    /// sends its node daemons, which parse them with [`from_sources`].
+    pub fn sources(&self) -> &[PolicySource] {
+        &self.sources
     }
 
     /// The policies, in order.

@@ -12,14 +12,16 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
 use crate::audit::{Action, AuditEvent, AuditLog, Decision};
-use crate::metrics::NodeMetrics;
+use prometheus_client::metrics::counter::Counter;
+
 use crate::policy::{PolicySet, load_paths};
 use crate::spiffe::TrustDomain;
 
 /// Quiet period after a file event before reloading: editors write files in several steps.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
-/// Watches `paths` and publishes each successfully loaded policy set on `tx`.
+/// Watches `paths` and publishes each successfully loaded policy set on `tx`; `failures`
+/// counts refused reloads.
 ///
 /// Returns once the watches are in place; reloading continues in a background task.
 pub fn spawn(
@@ -27,7 +29,7 @@ pub fn spawn(
     td: TrustDomain,
     tx: watch::Sender<Arc<PolicySet>>,
     audit: AuditLog,
-    metrics: NodeMetrics,
+    failures: Counter,
 ) -> Result<(), notify::Error> {
     let (events_tx, mut events) = mpsc::unbounded_channel::<()>();
     let relevant = Relevant::new(&paths);
@@ -61,7 +63,7 @@ pub fn spawn(
                 }
                 _ = tx.closed() => return,
             }
-            reload(&paths, &td, &tx, &audit, &metrics);
+            reload(&paths, &td, &tx, &audit, &failures);
         }
     });
     Ok(())
@@ -95,7 +97,7 @@ fn reload(
     td: &TrustDomain,
     tx: &watch::Sender<Arc<PolicySet>>,
     audit: &AuditLog,
-    metrics: &NodeMetrics,
+    failures: &Counter,
 ) {
     match load_paths(paths, td) {
         Ok(set) => {
@@ -117,7 +119,7 @@ fn reload(
             }
         }
         Err(e) => {
-            metrics.policy_reload_failures.inc();
+            failures.inc();
             tracing::error!(error = %e, "policy reload refused; the previous policies stay in force");
             record(
                 audit,
