@@ -1,5 +1,7 @@
 //! Generated Workload API code. Proto types stay inside this module and the services that
 //! implement it; domain code never sees them.
+pub mod convert;
+
 #[allow(clippy::all, missing_docs)]
 pub mod workload {
     tonic::include_proto!("_");

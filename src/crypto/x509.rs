@@ -34,6 +34,32 @@ pub enum X509Error {
     BadUri(String),
     #[error("extension OID {0}: not a DER OID whose arcs fit in 64 bits")]
     ExtensionOid(String),
+    #[error("public key is not an EC P-256 SubjectPublicKeyInfo: {0}")]
+    PublicKey(String),
+}
+
+/// Checks that `spki_der` is exactly one DER SubjectPublicKeyInfo of an EC P-256 key, the
+/// only key type SVIDs are issued for; a remote node's request is refused otherwise.
+pub fn check_p256_spki(spki_der: &[u8]) -> Result<(), X509Error> {
+    use x509_parser::public_key::PublicKey;
+    use x509_parser::x509::SubjectPublicKeyInfo as Spki;
+    let bad = |m: &str| X509Error::PublicKey(m.to_owned());
+    let (rest, spki) = Spki::from_der(spki_der).map_err(|e| bad(&e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(bad("trailing bytes"));
+    }
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    if curve != Some(x509_parser::oid_registry::OID_EC_P256) {
+        return Err(bad("not the P-256 curve"));
+    }
+    match spki.parsed() {
+        Ok(PublicKey::EC(point)) if point.data().len() == 65 && point.data()[0] == 4 => Ok(()),
+        _ => Err(bad("not an uncompressed EC point")),
+    }
 }
 
 /// One non-critical extension to add to a leaf (composite identity claims).

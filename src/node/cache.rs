@@ -64,6 +64,8 @@ pub struct IssueContext {
     pub policy: String,
     /// The composite identity the credential states (cid, model, digests), if any.
     pub identity: Identity,
+    /// What the node attested, for an issuer that checks it.
+    pub workload: Arc<super::issuer::WorkloadClaims>,
 }
 
 struct Slot {
@@ -223,7 +225,7 @@ impl SvidCache {
     /// when a token is signed.
     pub async fn jwt(
         &self,
-        req: JwtRequest,
+        mut req: JwtRequest,
         ctx: impl FnOnce() -> IssueContext,
     ) -> Result<String, IssueError> {
         let claims = serde_json::to_string(&req.claims).unwrap_or_default();
@@ -240,6 +242,8 @@ impl SvidCache {
             return Ok(e.token.clone());
         }
         let (id, aud, ttl) = (req.spiffe_id.clone(), req.audience.clone(), req.ttl);
+        let ctx = ctx();
+        req.workload = ctx.workload.clone();
         let token = self.inner.issuer.sign_jwt(req).await?;
         self.inner
             .metrics
@@ -252,7 +256,7 @@ impl SvidCache {
             Credential::new(CredentialKind::JwtSvid)
                 .aud(aud)
                 .not_after((SystemTime::now() + ttl).into()),
-            &ctx(),
+            &ctx,
         );
         let mut jwts = self.inner.jwts.lock().expect("jwts");
         if jwts.len() >= JWT_CACHE_MAX {
@@ -296,6 +300,7 @@ impl Inner {
             spki_der: private.spki_der().to_vec(),
             ttl: key.ttl,
             extensions: key.extensions.clone(),
+            workload: ctx.workload.clone(),
         };
         let chain = self.issuer.sign_x509(req).await?;
         let leaf = chain

@@ -6,9 +6,8 @@
 //! the `agentid-refusal-rule` metadata for programs.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use super::issuer::{SvidIssuer, TaskTokenError, TaskTokenOp, TaskTokenRequest};
@@ -16,13 +15,13 @@ use super::peer::PeerInfo;
 use super::workload_api::{
     Entitled, Issuable, WorkloadApi, audit_identity, audit_selectors, peer_of, to_struct,
 };
-use crate::api::REFUSAL_RULE;
+use crate::api::convert::{self, refusal_status};
 use crate::api::delegation as pb;
 use crate::audit::{
     Action, Attestation, AuditEvent, Credential, CredentialKind, Decision, Delegation, Identity,
 };
 use crate::spiffe::SpiffeId;
-use crate::token::{self, Issued, Refusal};
+use crate::token::{self, Issued};
 
 /// The Delegation service: the Workload API's attestation, and an issuer that signs.
 #[derive(Clone)]
@@ -79,6 +78,7 @@ impl DelegationApi {
             },
             rules: acting.e.token_rules.clone(),
             op,
+            workload: caller.claims(acting),
         };
         let delegating = matches!(req.op, TaskTokenOp::Delegate { .. });
         match self.issuer.task_token(req).await {
@@ -93,6 +93,15 @@ impl DelegationApi {
                 let reason = format!("{id}: refused by rule {}: {r}", r.rule());
                 self.api.deny(method, &caller.peer, &caller.facts, &reason);
                 Err(refusal_status(&r))
+            }
+            Err(TaskTokenError::RefusedRemotely {
+                rule,
+                detail,
+                invalid_request,
+            }) => {
+                let reason = format!("{id}: refused by rule {rule}: {detail}");
+                self.api.deny(method, &caller.peer, &caller.facts, &reason);
+                Err(convert::refused(&rule, &detail, invalid_request))
             }
             Err(TaskTokenError::Unavailable(e)) => {
                 tracing::error!(%id, error = %e, "task token issuance failed");
@@ -151,13 +160,7 @@ impl DelegationApi {
     ) -> Result<pb::TaskTokenResponse, Status> {
         const METHOD: &str = "MintTaskToken";
         let body = req.get_ref();
-        let mint = token::MintRequest {
-            audience: body.audience.clone(),
-            scopes: body.scopes.clone(),
-            ttl: ttl(body.ttl_seconds)?,
-            purpose: non_empty(&body.purpose),
-            subject: non_empty(&body.subject),
-        };
+        let mint = convert::mint_request(body)?;
         let caller = self.entitled(req, METHOD).await?;
         let acting = self.choose(METHOD, &caller, &body.spiffe_id, |all| {
             // Without a name, the one identity whose policy allows minting at all; with none,
@@ -188,20 +191,7 @@ impl DelegationApi {
     ) -> Result<pb::TaskTokenResponse, Status> {
         const METHOD: &str = "Delegate";
         let body = req.get_ref();
-        if body.parent_token.is_empty() {
-            return Err(Status::invalid_argument("parent_token must be specified"));
-        }
-        let child: SpiffeId = body.child_spiffe_id.parse().map_err(|e| {
-            Status::invalid_argument(format!(
-                "invalid child_spiffe_id {:?}: {e}",
-                body.child_spiffe_id
-            ))
-        })?;
-        let delegate = token::DelegateRequest {
-            child,
-            scopes: body.scopes.clone(),
-            ttl: ttl(body.ttl_seconds)?,
-        };
+        let (parent, delegate) = convert::delegate_request(body)?;
         let caller = self.entitled(req, METHOD).await?;
         let holder = token::unverified_holder(&body.parent_token);
         let acting = self.choose(METHOD, &caller, &body.spiffe_id, |all| {
@@ -213,7 +203,7 @@ impl DelegationApi {
                 .unwrap_or(&all[0]))
         })?;
         let op = TaskTokenOp::Delegate {
-            parent: body.parent_token.clone(),
+            parent,
             req: delegate,
         };
         self.issue(METHOD, &caller, acting, op).await
@@ -229,7 +219,8 @@ impl DelegationApi {
         if body.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
         }
-        let presenter: Option<SpiffeId> = non_empty(&body.presenter_spiffe_id)
+        let presenter: Option<SpiffeId> = Some(&body.presenter_spiffe_id)
+            .filter(|p| !p.is_empty())
             .map(|p| {
                 p.parse().map_err(|e| {
                     Status::invalid_argument(format!("invalid presenter_spiffe_id {p:?}: {e}"))
@@ -304,34 +295,4 @@ impl pb::delegation_server::Delegation for DelegationApi {
         let r = self.verify(req.get_ref());
         self.observed("VerifyTaskToken", start, r)
     }
-}
-
-/// The status a refusal travels as: the rule in the message and in `agentid-refusal-rule`.
-fn refusal_status(r: &Refusal) -> Status {
-    let message = format!("refused by rule {}: {r}", r.rule());
-    let mut status = match r {
-        Refusal::InvalidRequest(_) => Status::invalid_argument(message),
-        Refusal::Signing(_) => Status::unavailable(message),
-        _ => Status::permission_denied(message),
-    };
-    status
-        .metadata_mut()
-        .insert(REFUSAL_RULE, MetadataValue::from_static(r.rule()));
-    status
-}
-
-/// A requested lifetime: 0 means "as long as allowed"; negative is an error.
-#[allow(clippy::result_large_err)]
-fn ttl(seconds: i64) -> Result<Option<Duration>, Status> {
-    match u64::try_from(seconds) {
-        Ok(0) => Ok(None),
-        Ok(s) => Ok(Some(Duration::from_secs(s))),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "ttl_seconds must not be negative (got {seconds})"
-        ))),
-    }
-}
-
-fn non_empty(s: &str) -> Option<String> {
-    (!s.is_empty()).then(|| s.to_owned())
 }

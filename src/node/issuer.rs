@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
+use crate::composite::CompositeIdentity;
 use crate::crypto::x509::Extension;
+use crate::policy::WorkloadFacts;
 use crate::spiffe::{SpiffeBundle, SpiffeId, TrustDomain};
 use crate::token::{self, Issued, Refusal, TokenRules};
 
@@ -19,6 +21,15 @@ use crate::token::{self, Issued, Refusal, TokenRules};
 #[error("{0}")]
 pub struct IssueError(pub String);
 
+/// What the node attested about the workload a credential is for. An in-process issuer
+/// trusts the node's evaluation; a remote one checks it all again before it signs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkloadClaims {
+    pub facts: WorkloadFacts,
+    /// The composite identity the node computed for the credential, if it states one.
+    pub composite: Option<CompositeIdentity>,
+}
+
 /// A request to sign an X509-SVID over a public key the node generated.
 #[derive(Debug, Clone)]
 pub struct X509Request {
@@ -26,6 +37,7 @@ pub struct X509Request {
     pub spki_der: Vec<u8>,
     pub ttl: Duration,
     pub extensions: Vec<Extension>,
+    pub workload: Arc<WorkloadClaims>,
 }
 
 /// A request to sign a JWT-SVID.
@@ -35,6 +47,7 @@ pub struct JwtRequest {
     pub audience: Vec<String>,
     pub ttl: Duration,
     pub claims: Map<String, Value>,
+    pub workload: Arc<WorkloadClaims>,
 }
 
 /// A task-token request for the issuer to check and sign (AGENT-IDENTITY.md §3).
@@ -46,6 +59,7 @@ pub struct TaskTokenRequest {
     pub caller: token::Caller,
     pub rules: Arc<TokenRules>,
     pub op: TaskTokenOp,
+    pub workload: Arc<WorkloadClaims>,
 }
 
 /// What is asked for.
@@ -66,6 +80,13 @@ pub enum TaskTokenError {
     /// A rule refused it.
     #[error(transparent)]
     Refused(#[from] Refusal),
+    /// A remote issuer's rule refused it.
+    #[error("{detail}")]
+    RefusedRemotely {
+        rule: String,
+        detail: String,
+        invalid_request: bool,
+    },
     /// The issuer could not be asked.
     #[error("issuer unavailable: {0}")]
     Unavailable(IssueError),

@@ -19,7 +19,7 @@ use super::attest::{WorkloadAttestor, resolve_user_name};
 use super::cache::{Hold, IssueContext, SvidCache, SvidKey};
 use super::composite::{ComposeError, Composed, Composer};
 use super::drift::{DriftWatch, Watching};
-use super::issuer::{JwtRequest, TrustBundles};
+use super::issuer::{JwtRequest, TrustBundles, WorkloadClaims};
 use super::peer::PeerInfo;
 use crate::api::workload as pb;
 use crate::audit::{Action, Attestation, AuditEvent, AuditLog, Decision, Identity};
@@ -96,7 +96,16 @@ impl Entitled {
                 .as_deref()
                 .map(audit_identity)
                 .unwrap_or_default(),
+            workload: self.claims(i),
         }
+    }
+
+    /// What was attested for `i`, for an issuer that checks it again.
+    pub(super) fn claims(&self, i: &Issuable) -> Arc<WorkloadClaims> {
+        Arc::new(WorkloadClaims {
+            facts: self.facts.clone(),
+            composite: i.composed.as_ref().map(|c| c.identity.clone()),
+        })
     }
 
     /// The composite identity stated under each SPIFFE ID (for drift records).
@@ -726,6 +735,8 @@ impl WorkloadApi {
                     .as_ref()
                     .map(|c| c.jwt_claims.clone())
                     .unwrap_or_default(),
+                // Filled from the issue context when the token is signed.
+                workload: Arc::default(),
             };
             let token = self
                 .cache
