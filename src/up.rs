@@ -14,21 +14,12 @@ use tokio::sync::watch;
 use crate::admin::{self, Readiness};
 use crate::audit::AuditLog;
 use crate::metrics::NodeMetrics;
-use crate::node;
-use crate::node::attest::UnixAttestor;
-use crate::node::attest::WorkloadAttestor;
-use crate::node::attest::k8s::K8sAttestor;
-use crate::node::cache::SvidCache;
-use crate::node::composite::Composer;
-use crate::node::delegation::DelegationApi;
-use crate::node::drift::DriftWatch;
+use crate::node::daemon::{NodeDaemon, NodeOptions};
 use crate::node::issuer::{
     IssueError, JwtRequest, SvidIssuer, TaskTokenError, TaskTokenOp, TaskTokenRequest,
     TrustBundles, X509Request,
 };
-use crate::node::k8s::{self as pods, K8sConfig, PodIndex, SourceHandle};
-use crate::node::uds::WorkloadSocket;
-use crate::node::workload_api::WorkloadApi;
+use crate::node::k8s::{self as pods, K8sConfig};
 use crate::policy::{PolicySet, load_paths};
 use crate::policy_watch;
 use crate::server::{Authority, AuthorityConfig};
@@ -140,12 +131,8 @@ pub struct Up {
     pub config: UpConfig,
     pub policies: Arc<PolicySet>,
     pub admin_addr: SocketAddr,
-    socket: WorkloadSocket,
-    api: WorkloadApi,
-    delegation: DelegationApi,
+    node: NodeDaemon,
     ready: Readiness,
-    /// The pod source feeding Kubernetes attestation, stopped at shutdown.
-    pod_source: Option<SourceHandle>,
     /// Held so open streams never see the policy channel close.
     _policy_tx: watch::Sender<Arc<PolicySet>>,
 }
@@ -156,7 +143,7 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
     let policies = if config.policy.is_empty() {
         // SAFETY: getuid cannot fail.
         let uid = unsafe { libc::getuid() };
-        let name = node::attest::user_name(uid).unwrap_or_default();
+        let name = crate::node::attest::user_name(uid).unwrap_or_default();
         PolicySet::default_for_user(uid, &name)
     } else {
         load_paths(&config.policy, &td)?
@@ -186,8 +173,6 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
     let mut registry = Registry::default();
     let metrics = NodeMetrics::register(&mut registry);
     let issuer: Arc<dyn SvidIssuer> = Arc::new(LocalIssuer::new(authority));
-    let bundles = issuer.bundles();
-    let cache = SvidCache::new(issuer.clone(), audit.clone(), metrics.clone());
     let (policy_tx, policy_rx) = watch::channel(Arc::new(policies.clone()));
     if !config.policy.is_empty() {
         policy_watch::spawn(
@@ -198,22 +183,14 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
             metrics.policy_reload_failures.clone(),
         )?;
     }
-    let composer = Arc::new(Composer::new());
-    let drift = DriftWatch::new();
-    spawn_rehash(config.rehash_interval, composer.clone(), drift.clone());
     let ready = Readiness::default();
-    let (attestor, pod_source): (Arc<dyn WorkloadAttestor>, _) = match &config.k8s {
-        None => (Arc::new(UnixAttestor::new()), None),
-        Some(k8s) => {
-            let (index, handle) = start_pod_source(k8s, &metrics, &ready, &drift).await?;
-            let attestor = K8sAttestor::new(Arc::new(index), k8s.pod_wait);
-            (Arc::new(attestor), Some(handle))
-        }
+    let options = NodeOptions {
+        trust_domain: td,
+        socket: config.socket.clone(),
+        rehash_interval: config.rehash_interval,
+        k8s: config.k8s.clone(),
     };
-    let api = WorkloadApi::new(td, attestor, policy_rx, bundles, cache, audit, metrics)
-        .with_composite(composer, drift);
-    let delegation = DelegationApi::new(api.clone(), issuer);
-    let socket = WorkloadSocket::bind(&config.socket)?;
+    let node = NodeDaemon::build(&options, issuer, policy_rx, audit, metrics, &ready).await?;
     let admin_addr = admin::spawn(
         config.admin_addr,
         config.admin_allow_remote,
@@ -225,68 +202,11 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
     Ok(Up {
         policies: Arc::new(policies),
         admin_addr,
-        socket,
-        api,
-        delegation,
+        node,
         ready,
-        pod_source,
         config,
         _policy_tx: policy_tx,
     })
-}
-
-/// Starts the pod index and its source; the index's changes reach open streams (a pod that
-/// changes is re-checked), and its state is part of readiness and metrics.
-async fn start_pod_source(
-    config: &K8sConfig,
-    metrics: &NodeMetrics,
-    ready: &Readiness,
-    drift: &DriftWatch,
-) -> anyhow::Result<(PodIndex, SourceHandle)> {
-    let (index, handle) = pods::start(config).await.map_err(|e| match e {
-        pods::StartError::Config(c) => anyhow::Error::new(c),
-        other => anyhow::Error::new(other),
-    })?;
-    index.attach_metrics(metrics);
-    let i = index.clone();
-    ready.add_check(Arc::new(move || {
-        let status = i.status();
-        if status.ready() && status.up() {
-            Ok(status.summary())
-        } else {
-            Err(status.summary())
-        }
-    }));
-    let mut changes = index.subscribe();
-    let (drift, cancel) = (drift.clone(), handle.cancel_token());
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = changes.changed() => if r.is_err() { return },
-            }
-            drift.poke();
-        }
-    });
-    Ok((index, handle))
-}
-
-/// The safety net behind inotify: every `period`, forget all file digests and have open
-/// streams recompose, so a change inotify could not see is still found.
-fn spawn_rehash(period: std::time::Duration, composer: Arc<Composer>, drift: DriftWatch) {
-    if period.is_zero() {
-        return;
-    }
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            composer.flush();
-            drift.poke();
-        }
-    });
 }
 
 impl Up {
@@ -296,12 +216,9 @@ impl Up {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         self.ready.set(true);
-        let result = node::serve(self.socket, self.api, self.delegation, shutdown).await;
+        let result = self.node.serve(shutdown).await;
         self.ready.set(false);
-        if let Some(source) = self.pod_source {
-            source.stop().await;
-        }
-        Ok(result?)
+        result
     }
 
     /// The human banner printed at start.

@@ -2,6 +2,7 @@
 pub mod attest;
 pub mod cache;
 pub mod composite;
+pub mod daemon;
 pub mod delegation;
 pub mod drift;
 pub mod h2_authority;

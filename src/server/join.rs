@@ -31,7 +31,10 @@ pub enum JoinError {
     Expired,
     #[error("join token is bound to node {bound:?}, not {presented:?}")]
     WrongNode { bound: String, presented: String },
-    #[error("join token lifetime must be between 1s and {}", humantime::format_duration(MAX_TTL))]
+    #[error(
+        "join token lifetime must be between 1s and {}",
+        humantime::format_duration(MAX_TTL)
+    )]
     BadTtl,
     #[error("storing join tokens: {0}")]
     Store(String),

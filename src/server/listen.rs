@@ -86,7 +86,7 @@ pub fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, conns) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
@@ -100,7 +100,7 @@ pub fn incoming(
                             id,
                             addr: Some(addr),
                         };
-                        let _ = tx.send(Ok(TlsConn { inner: tls, peer })).await;
+                        let _ = conns.send(Ok(TlsConn { inner: tls, peer })).await;
                     }
                     Ok(Err(e)) => tracing::info!(%addr, error = %e, "node API handshake refused"),
                     Err(_) => tracing::info!(%addr, "node API handshake timed out"),

@@ -1,5 +1,10 @@
-//! The trust-domain authority: keys, signing, and (later) node attestation and federation.
+//! The trust-domain authority: keys and signing, node attestation, and the node API.
 mod authority;
+pub mod join;
+pub mod listen;
+pub mod node_api;
+pub mod run;
 mod store;
 
 pub use authority::{Authority, AuthorityConfig, AuthorityError};
+pub use store::{FileStore, StoreError};

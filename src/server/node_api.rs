@@ -1,0 +1,619 @@
+//! The node API (`/agentid.v1.Node/*`): node attestation, and signing for node daemons.
+//!
+//! The server never signs what a node asks for on the node's word alone. Every signing
+//! request names the workload's facts; the server evaluates its own policies for them, checks
+//! the requested identity is one they give, checks the composite identity the node reports
+//! against the policy (declared values, pins, placement) and encodes the composite claims
+//! itself. A node attested by join token is a host: it can never claim a pod.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use super::authority::Authority;
+use super::join::{JoinError, JoinTokens};
+use super::listen::NodePeer;
+use crate::api::convert;
+use crate::api::node as pb;
+use crate::audit::{
+    Action, AuditEvent, AuditLog, Credential, CredentialKind, Decision, Delegation, Identity,
+};
+use crate::composite::{self, CompositeIdentity};
+use crate::crypto::x509::{CertInfo, check_p256_spki};
+use crate::policy::{Attested, Entitlement, PolicySet, WorkloadFacts};
+use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::token::{self, FanOut};
+
+/// Default lifetime of a node SVID; nodes renew at about half of it.
+pub const DEFAULT_NODE_SVID_TTL: Duration = Duration::from_secs(3600);
+
+/// How a node proved who it is, read back from its SPIFFE ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeKind {
+    /// `spiffe://<td>/agentid/host/<name>`: a join token; unix workloads only.
+    Host { name: String },
+    /// `spiffe://<td>/agentid/node/<cluster>/<name>`: Kubernetes node attestation.
+    K8s { cluster: String, name: String },
+}
+
+impl NodeKind {
+    /// The node's SPIFFE ID in `td`.
+    pub fn spiffe_id(&self, td: &TrustDomain) -> Result<SpiffeId, Status> {
+        let path = match self {
+            Self::Host { name } => format!("/agentid/host/{name}"),
+            Self::K8s { cluster, name } => format!("/agentid/node/{cluster}/{name}"),
+        };
+        format!("{}{path}", td.id_string())
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("node name: {e}")))
+    }
+
+    /// The kind a node SVID's ID names, if it is one.
+    pub fn of(id: &SpiffeId, td: &TrustDomain) -> Option<Self> {
+        if id.trust_domain() != td {
+            return None;
+        }
+        let parts: Vec<&str> = id.path().trim_start_matches('/').split('/').collect();
+        match parts.as_slice() {
+            ["agentid", "host", name] => Some(Self::Host {
+                name: (*name).to_owned(),
+            }),
+            ["agentid", "node", cluster, name] => Some(Self::K8s {
+                cluster: (*cluster).to_owned(),
+                name: (*name).to_owned(),
+            }),
+            _ => None,
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Self::Host { name } | Self::K8s { name, .. } => name,
+        }
+    }
+}
+
+/// The node API's state.
+#[derive(Clone)]
+pub struct NodeApi {
+    authority: Arc<Authority>,
+    td: TrustDomain,
+    policies: watch::Receiver<Arc<PolicySet>>,
+    joins: Arc<JoinTokens>,
+    audit: AuditLog,
+    fan_out: Arc<FanOut>,
+    node_ttl: Duration,
+}
+
+/// A workload the server has checked: its facts, the policy entitlement and composite.
+struct Checked {
+    entitlement: Entitlement,
+    composite: Option<Arc<CompositeIdentity>>,
+    facts: WorkloadFacts,
+}
+
+impl NodeApi {
+    pub fn new(
+        authority: Arc<Authority>,
+        policies: watch::Receiver<Arc<PolicySet>>,
+        joins: Arc<JoinTokens>,
+        audit: AuditLog,
+        node_ttl: Duration,
+    ) -> Self {
+        Self {
+            td: authority.trust_domain().clone(),
+            authority,
+            policies,
+            joins,
+            audit,
+            fan_out: Arc::new(FanOut::new()),
+            node_ttl,
+        }
+    }
+
+    fn record(&self, event: AuditEvent) {
+        if let Err(e) = self.audit.record(event) {
+            tracing::error!(error = %e, "writing audit record");
+        }
+    }
+
+    /// Audits and returns a refusal of `what` for `subject`.
+    fn refuse(&self, subject: &str, what: &str, status: Status) -> Status {
+        tracing::info!(subject, what, reason = status.message(), "node API refused");
+        self.record(
+            AuditEvent::new(Action::Denied, subject)
+                .decision(Decision::deny(format!("{what}: {}", status.message()))),
+        );
+        status
+    }
+
+    /// The calling node, from its verified client certificate.
+    #[allow(clippy::result_large_err)]
+    fn node<T>(&self, req: &Request<T>) -> Result<(SpiffeId, NodeKind), Status> {
+        let peer = req
+            .extensions()
+            .get::<NodePeer>()
+            .cloned()
+            .unwrap_or_default();
+        let Some(id) = peer.id else {
+            return Err(Status::unauthenticated(
+                "this call needs the node SVID as the TLS client certificate (Attest first)",
+            ));
+        };
+        match NodeKind::of(&id, &self.td) {
+            Some(kind) => Ok((id, kind)),
+            None => Err(Status::permission_denied(format!(
+                "{id} is not a node of trust domain {}",
+                self.td
+            ))),
+        }
+    }
+
+    fn node_svid(&self, id: &SpiffeId, public_key: &[u8]) -> Result<pb::NodeSvid, Status> {
+        check_p256_spki(public_key).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let chain = self
+            .authority
+            .sign_x509_svid(id, public_key, self.node_ttl, &[])
+            .map_err(|e| Status::unavailable(format!("signing the node SVID: {e}")))?;
+        Ok(pb::NodeSvid {
+            spiffe_id: id.to_string(),
+            cert_chain: chain,
+            bundle: self.authority.bundle_document(),
+        })
+    }
+
+    /// Checks a signing request's workload and requested identity against the policies.
+    #[allow(clippy::result_large_err)]
+    fn check(
+        &self,
+        node: &NodeKind,
+        spiffe_id: &str,
+        workload: Option<&pb::Workload>,
+    ) -> Result<Checked, Status> {
+        let w = workload.ok_or_else(|| Status::invalid_argument("workload must be given"))?;
+        let id: SpiffeId = spiffe_id.parse().map_err(|e| {
+            Status::invalid_argument(format!("invalid spiffe_id {spiffe_id:?}: {e}"))
+        })?;
+        let claims_pod = !w.pod_uid.is_empty() || !w.container_id.is_empty();
+        let facts = match node {
+            NodeKind::Host { .. } if claims_pod => {
+                return Err(Status::permission_denied(
+                    "a host node (attested by join token) cannot claim Kubernetes pods",
+                ));
+            }
+            NodeKind::Host { .. } => WorkloadFacts {
+                unix: Some(convert::unix_facts(w)),
+                k8s: None,
+            },
+            NodeKind::K8s { .. } => {
+                return Err(Status::failed_precondition(
+                    "this server does not verify Kubernetes workloads yet",
+                ));
+            }
+        };
+        let policies = self.policies.borrow().clone();
+        let (entitlements, _) = policies.entitlements(&self.td, &facts);
+        let Some(entitlement) = entitlements.into_iter().find(|e| e.spiffe_id == id) else {
+            return Err(Status::permission_denied(format!(
+                "no identity issued: no policy gives {id} to this workload"
+            )));
+        };
+        let composite = convert::composite(w)?;
+        check_composite(&entitlement, &facts, composite.as_deref())?;
+        Ok(Checked {
+            entitlement,
+            composite,
+            facts,
+        })
+    }
+
+    fn audit_signed(&self, node: &SpiffeId, c: &Checked, credential: Credential, policy: &str) {
+        let identity = Identity {
+            spiffe_id: Some(c.entitlement.spiffe_id.to_string()),
+            cid: c.composite.as_ref().map(|i| i.cid()),
+            model: c
+                .composite
+                .as_ref()
+                .and_then(|i| i.model.as_ref())
+                .map(|m| format!("{}/{}", m.provider, m.id)),
+            config_digest: c.composite.as_ref().and_then(|i| i.config_digest.clone()),
+            tools_digest: c.composite.as_ref().and_then(|i| i.tools_digest.clone()),
+            image_digest: c.composite.as_ref().and_then(|i| i.image_digest.clone()),
+        };
+        self.record(
+            AuditEvent::new(Action::Issued, c.entitlement.spiffe_id.to_string())
+                .decision(Decision::allow().policy(policy))
+                .credential(credential)
+                .identity(identity)
+                .attestation(crate::audit::Attestation {
+                    selectors: c.facts.selectors(),
+                    node: Some(node.to_string()),
+                }),
+        );
+    }
+}
+
+/// The composite identity a node reports must be what the policy declares and allows, for
+/// the facts the server checked. Digests of files only the node can see are taken as
+/// reported, and must satisfy the pins.
+#[allow(clippy::result_large_err)]
+fn check_composite(
+    e: &Entitlement,
+    facts: &WorkloadFacts,
+    reported: Option<&CompositeIdentity>,
+) -> Result<(), Status> {
+    let denied = |m: String| {
+        Err(Status::permission_denied(format!(
+            "composite identity: {m}"
+        )))
+    };
+    let Some(spec) = &e.composite else {
+        if reported.is_some() {
+            return denied(format!("policy {} declares none", e.policy));
+        }
+        return Ok(());
+    };
+    let Some(id) = reported else {
+        return denied(format!(
+            "policy {} declares one and none was reported",
+            e.policy
+        ));
+    };
+    if let Some(unix) = &facts.unix
+        && facts.k8s.is_none()
+    {
+        let placed = id.unix.as_ref();
+        let matches = placed.is_some_and(|p| {
+            p.uid == unix.uid
+                && p.gid == unix.gid
+                && Some(&p.path) == unix.path.as_ref()
+                && Some(&p.sha256) == unix.sha256.as_ref()
+        });
+        if !matches || id.k8s.is_some() {
+            return denied("its placement is not the workload's".into());
+        }
+        let model = id
+            .model
+            .as_ref()
+            .map(|m| format!("{}/{}", m.provider, m.id));
+        let agent = id.agent.as_ref();
+        if model != spec.model
+            || agent.map(|a| &a.name) != spec.agent_name.as_ref()
+            || agent.and_then(|a| a.version.as_ref()) != spec.agent_version.as_ref()
+        {
+            return denied(format!(
+                "model or agent differ from what policy {} declares",
+                e.policy
+            ));
+        }
+        let hashed =
+            |digest: &Option<String>, files: &[String]| digest.is_some() == !files.is_empty();
+        if !hashed(&id.config_digest, &spec.config_files)
+            || !hashed(&id.tools_digest, &spec.tools_files)
+        {
+            return denied(format!(
+                "digests differ from the files policy {} declares",
+                e.policy
+            ));
+        }
+    }
+    let model = id
+        .model
+        .as_ref()
+        .map(|m| format!("{}/{}", m.provider, m.id));
+    spec.check_pins(Attested {
+        model: model.as_deref(),
+        config_digest: id.config_digest.as_deref(),
+        tools_digest: id.tools_digest.as_deref(),
+        image_digest: id.image_digest.as_deref(),
+    })
+    .map_err(|p| Status::permission_denied(format!("composite identity: {p}")))
+}
+
+type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::node_server::Node for NodeApi {
+    async fn attest(
+        &self,
+        req: Request<pb::AttestRequest>,
+    ) -> Result<Response<pb::NodeSvid>, Status> {
+        let peer = req
+            .extensions()
+            .get::<NodePeer>()
+            .cloned()
+            .unwrap_or_default();
+        let body = req.into_inner();
+        let who = format!(
+            "node {:?} from {}",
+            body.node_name,
+            peer.addr.map(|a| a.to_string()).unwrap_or_default()
+        );
+        let kind = match &body.credential {
+            Some(pb::attest_request::Credential::JoinToken(token)) => {
+                let kind = NodeKind::Host {
+                    name: body.node_name.clone(),
+                };
+                // The name becomes one path segment of the node's SPIFFE ID.
+                let id = kind.spiffe_id(&self.td)?;
+                if NodeKind::of(&id, &self.td).as_ref() != Some(&kind) {
+                    return Err(self.refuse(
+                        &who,
+                        "attest",
+                        Status::invalid_argument(
+                            "node_name must be one SPIFFE ID path segment (letters, digits, . - _)",
+                        ),
+                    ));
+                }
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                if let Err(e) = self.joins.redeem(token, &body.node_name, now) {
+                    let status = match e {
+                        JoinError::Store(_) => Status::unavailable(e.to_string()),
+                        _ => Status::permission_denied(format!("node attestation refused: {e}")),
+                    };
+                    return Err(self.refuse(&who, "attest", status));
+                }
+                kind
+            }
+            Some(pb::attest_request::Credential::K8sServiceAccountToken(_)) => {
+                return Err(self.refuse(
+                    &who,
+                    "attest",
+                    Status::unimplemented(
+                        "Kubernetes node attestation is not available on this server yet",
+                    ),
+                ));
+            }
+            None => {
+                return Err(self.refuse(
+                    &who,
+                    "attest",
+                    Status::invalid_argument("a join token or service-account token is required"),
+                ));
+            }
+        };
+        let id = kind.spiffe_id(&self.td)?;
+        let svid = self
+            .node_svid(&id, &body.public_key)
+            .map_err(|s| self.refuse(&who, "attest", s))?;
+        tracing::info!(node = %id, "node attested");
+        self.record(
+            AuditEvent::new(Action::Issued, id.to_string())
+                .decision(Decision::allow().reason(format!("node attested ({who})")))
+                .credential(node_credential(&svid)),
+        );
+        Ok(Response::new(svid))
+    }
+
+    async fn renew_node_svid(
+        &self,
+        req: Request<pb::RenewNodeSvidRequest>,
+    ) -> Result<Response<pb::NodeSvid>, Status> {
+        let (id, _) = self.node(&req)?;
+        let svid = self
+            .node_svid(&id, &req.get_ref().public_key)
+            .map_err(|s| self.refuse(&id.to_string(), "renew", s))?;
+        self.record(
+            AuditEvent::new(Action::Renewed, id.to_string())
+                .decision(Decision::allow())
+                .credential(node_credential(&svid)),
+        );
+        Ok(Response::new(svid))
+    }
+
+    async fn sign_x509_svid(
+        &self,
+        req: Request<pb::SignX509SvidRequest>,
+    ) -> Result<Response<pb::SignX509SvidResponse>, Status> {
+        let (node, kind) = self.node(&req)?;
+        let body = req.into_inner();
+        let what = format!("X509-SVID {} for node {}", body.spiffe_id, kind.name());
+        let checked = self
+            .check(&kind, &body.spiffe_id, body.workload.as_ref())
+            .map_err(|s| self.refuse(&body.spiffe_id, &what, s))?;
+        check_p256_spki(&body.public_key).map_err(|e| {
+            self.refuse(
+                &body.spiffe_id,
+                &what,
+                Status::invalid_argument(e.to_string()),
+            )
+        })?;
+        let extensions = checked
+            .composite
+            .as_deref()
+            .map(composite::to_extensions)
+            .unwrap_or_default();
+        let e = &checked.entitlement;
+        let chain = self
+            .authority
+            .sign_x509_svid(&e.spiffe_id, &body.public_key, e.x509_ttl, &extensions)
+            .map_err(|err| Status::unavailable(format!("signing: {err}")))?;
+        let mut credential = Credential::new(CredentialKind::X509Svid);
+        if let Ok(info) = CertInfo::parse(&chain[0]) {
+            credential = credential
+                .serial(info.serial_hex)
+                .fingerprint_of(&chain[0])
+                .not_after(info.not_after.into());
+        }
+        self.audit_signed(&node, &checked, credential, &e.policy);
+        Ok(Response::new(pb::SignX509SvidResponse {
+            cert_chain: chain,
+        }))
+    }
+
+    async fn sign_jwt_svid(
+        &self,
+        req: Request<pb::SignJwtSvidRequest>,
+    ) -> Result<Response<pb::SignJwtSvidResponse>, Status> {
+        let (node, kind) = self.node(&req)?;
+        let body = req.into_inner();
+        let what = format!("JWT-SVID {} for node {}", body.spiffe_id, kind.name());
+        if body.audience.is_empty() || body.audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let checked = self
+            .check(&kind, &body.spiffe_id, body.workload.as_ref())
+            .map_err(|s| self.refuse(&body.spiffe_id, &what, s))?;
+        let mut claims = Map::new();
+        if let Some(c) = &checked.composite {
+            let (name, value): (String, Value) = composite::to_jwt_claim(c);
+            claims.insert(name, value);
+        }
+        let e = &checked.entitlement;
+        let token = self
+            .authority
+            .sign_jwt_svid(&e.spiffe_id, &body.audience, e.jwt_ttl, claims)
+            .map_err(|err| Status::unavailable(format!("signing: {err}")))?;
+        let credential = Credential::new(CredentialKind::JwtSvid)
+            .aud(body.audience.clone())
+            .fingerprint_of(token.as_bytes());
+        self.audit_signed(&node, &checked, credential, &e.policy);
+        Ok(Response::new(pb::SignJwtSvidResponse { token }))
+    }
+
+    async fn sign_task_token(
+        &self,
+        req: Request<pb::SignTaskTokenRequest>,
+    ) -> Result<Response<pb::SignTaskTokenResponse>, Status> {
+        let (node, kind) = self.node(&req)?;
+        let body = req.into_inner();
+        let what = format!("task token for {} via node {}", body.spiffe_id, kind.name());
+        let checked = self
+            .check(&kind, &body.spiffe_id, body.workload.as_ref())
+            .map_err(|s| self.refuse(&body.spiffe_id, &what, s))?;
+        let caller = token::Caller {
+            id: checked.entitlement.spiffe_id.clone(),
+            cid: checked.composite.as_ref().map(|c| c.cid()),
+        };
+        // The rules come from the server's own evaluation, never from the node.
+        let rules = checked.entitlement.token_rules.clone();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let a = &self.authority;
+        let (issued, action) = match &body.op {
+            Some(pb::sign_task_token_request::Op::Mint(m)) => {
+                let m = convert::mint_request(m)?;
+                let r = a.with_jwt_signer(|s| token::mint(m, &caller, &rules, s, &self.td, now));
+                (r, Action::Issued)
+            }
+            Some(pb::sign_task_token_request::Op::Delegate(d)) => {
+                let (parent, d) = convert::delegate_request(d)?;
+                let bundle = a.bundle();
+                let r = a.with_jwt_signer(|s| {
+                    token::delegate(
+                        &parent,
+                        d,
+                        &caller,
+                        &rules,
+                        s,
+                        &self.td,
+                        &bundle,
+                        &self.fan_out,
+                        now,
+                    )
+                });
+                (r, Action::Delegated)
+            }
+            None => return Err(Status::invalid_argument("op must be mint or delegate")),
+        };
+        let issued = issued.map_err(|r| {
+            let status = convert::refusal_status(&r);
+            self.refuse(&body.spiffe_id, &what, status)
+        })?;
+        let c = &issued.claims;
+        self.record(
+            AuditEvent::new(action, c.act.sub.to_string())
+                .decision(Decision::allow().policy(checked.entitlement.policy.to_string()))
+                .credential(
+                    Credential::new(CredentialKind::TaskToken)
+                        .jti(c.jti.clone())
+                        .fingerprint_of(issued.token.as_bytes())
+                        .aud(c.aud.iter().cloned()),
+                )
+                .attestation(crate::audit::Attestation {
+                    selectors: checked.facts.selectors(),
+                    node: Some(node.to_string()),
+                })
+                .delegation(Delegation {
+                    txn: Some(c.txn.clone()),
+                    actors: c.act.chain().map(|a| a.sub.to_string()).collect(),
+                    scope: Some(c.scope.to_string()),
+                }),
+        );
+        Ok(Response::new(pb::SignTaskTokenResponse {
+            expires_at: c.exp,
+            token: issued.token,
+        }))
+    }
+
+    type SyncStream = SyncStream;
+
+    async fn sync(
+        &self,
+        req: Request<pb::SyncRequest>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let (node, _) = self.node(&req)?;
+        tracing::debug!(%node, "node synchronising");
+        let mut policies = self.policies.clone();
+        let mut bundles = self.authority.subscribe();
+        let authority = self.authority.clone();
+        let state = move |p: &PolicySet| pb::SyncResponse {
+            bundle: authority.bundle_document(),
+            policies: p
+                .sources()
+                .iter()
+                .map(|s| pb::PolicySource {
+                    origin: s.origin.clone(),
+                    text: s.text.clone(),
+                })
+                .collect(),
+        };
+        let stream = async_stream(move |tx| async move {
+            let mut last = None;
+            loop {
+                let msg = state(&policies.borrow_and_update().clone());
+                bundles.borrow_and_update();
+                if last.as_ref() != Some(&msg) {
+                    if tx.send(Ok(msg.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(msg);
+                }
+                tokio::select! {
+                    r = policies.changed() => if r.is_err() { return },
+                    r = bundles.changed() => if r.is_err() { return },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// A stream fed by a task that owns `tx`; the task ends when the receiver is dropped.
+fn async_stream<F, Fut>(f: F) -> SyncStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::SyncResponse, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+fn node_credential(svid: &pb::NodeSvid) -> Credential {
+    let mut c = Credential::new(CredentialKind::X509Svid);
+    if let Some(leaf) = svid.cert_chain.first()
+        && let Ok(info) = CertInfo::parse(leaf)
+    {
+        c = c
+            .serial(info.serial_hex)
+            .fingerprint_of(leaf)
+            .not_after(info.not_after.into());
+    }
+    c
+}

@@ -1,0 +1,451 @@
+//! `agentid server`: the authority as a daemon of its own. It serves the node API over TLS on
+//! TCP, and local administration (join tokens, key rotation, the bundle) on a Unix socket
+//! only its own user can open.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tonic::transport::Server;
+use tonic::{Request, Response, Status};
+
+use super::authority::{Authority, AuthorityConfig};
+use super::join::JoinTokens;
+use super::listen;
+use super::node_api::{DEFAULT_NODE_SVID_TTL, NodeApi, NodeKind};
+use super::store::FileStore;
+use crate::admin::{self, Readiness};
+use crate::api::node as pb;
+use crate::audit::{Action, AuditEvent, AuditLog, Decision};
+use crate::crypto::tls::{self, Accept, Identity, Trust};
+use crate::crypto::{PrivateKey, x509::CertInfo};
+use crate::policy::{PolicySet, load_paths};
+use crate::policy_watch;
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+/// Lifetime of the server's own X509-SVID (renewed at half of it).
+const SERVER_SVID_TTL: Duration = Duration::from_secs(3600);
+
+/// Where the server keeps its keys and state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "dir")]
+pub enum StoreSpec {
+    /// A private directory on this host (`file:DIR`).
+    File(PathBuf),
+    /// Secrets, a ConfigMap and custom resources in the cluster (`kubernetes`).
+    Kubernetes,
+}
+
+impl std::str::FromStr for StoreSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kubernetes" => Ok(Self::Kubernetes),
+            _ => match s.strip_prefix("file:") {
+                Some(dir) if !dir.is_empty() => Ok(Self::File(PathBuf::from(dir))),
+                _ => Err(format!(
+                    "{s:?}: expected file:DIR or kubernetes (e.g. file:/var/lib/agentid-server)"
+                )),
+            },
+        }
+    }
+}
+
+/// Configuration of `agentid server`, logged at start and served at `/config`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerConfig {
+    pub trust_domain: TrustDomain,
+    pub store: StoreSpec,
+    pub listen: SocketAddr,
+    pub admin_socket: PathBuf,
+    pub policy: Vec<PathBuf>,
+    pub admin_addr: SocketAddr,
+    pub admin_allow_remote: bool,
+    #[serde(with = "humantime_serde")]
+    pub node_svid_ttl: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults for everything but the trust domain and store.
+    pub fn new(trust_domain: TrustDomain, store: StoreSpec) -> Self {
+        Self {
+            trust_domain,
+            store,
+            listen: "0.0.0.0:8081".parse().expect("literal address"),
+            admin_socket: PathBuf::from("/run/agentid-server/admin.sock"),
+            policy: Vec::new(),
+            admin_addr: "127.0.0.1:9465".parse().expect("literal address"),
+            admin_allow_remote: false,
+            node_svid_ttl: DEFAULT_NODE_SVID_TTL,
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("--store kubernetes is not available yet; use --store file:DIR")]
+    KubernetesStore,
+    #[error("binding the node API on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("admin socket {path}: {source}")]
+    AdminSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is in use by a running server; stop it or choose another --admin-socket")]
+    AdminSocketInUse { path: PathBuf },
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// A built server, ready to serve.
+pub struct ServerDaemon {
+    pub config: ServerConfig,
+    pub listen_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub policies: Arc<PolicySet>,
+    authority: Arc<Authority>,
+    node_api: NodeApi,
+    admin_api: AdminApi,
+    tls: Arc<rustls::ServerConfig>,
+    listener: TcpListener,
+    admin_listener: UnixListener,
+    ready: Readiness,
+    _policy_tx: watch::Sender<Arc<PolicySet>>,
+}
+
+impl ServerDaemon {
+    /// Opens the store and keys, loads policies, binds the listeners.
+    pub async fn build(config: ServerConfig) -> Result<Self, ServerError> {
+        let dir = match &config.store {
+            StoreSpec::File(dir) => dir.clone(),
+            StoreSpec::Kubernetes => return Err(ServerError::KubernetesStore),
+        };
+        let td = config.trust_domain.clone();
+        let policies = if config.policy.is_empty() {
+            tracing::warn!("no --policy given: no workload will be issued an identity");
+            PolicySet::default()
+        } else {
+            load_paths(&config.policy, &td).map_err(anyhow::Error::new)?
+        };
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
+            .map_err(|e| anyhow::anyhow!("creating store directory {}: {e}", dir.display()))?;
+        let authority = Arc::new(
+            Authority::open(
+                &dir.join("authority"),
+                td.clone(),
+                AuthorityConfig::default(),
+            )
+            .map_err(anyhow::Error::new)?,
+        );
+        let audit = AuditLog::open(&dir.join("audit.log"), format!("agentid://{td}/server"))
+            .map_err(anyhow::Error::new)?;
+        let joins = Arc::new(
+            JoinTokens::open(Some(
+                FileStore::open(&dir.join("nodes")).map_err(anyhow::Error::new)?,
+            ))
+            .map_err(anyhow::Error::new)?,
+        );
+        let mut registry = Registry::default();
+        let reload_failures = Counter::default();
+        registry.register(
+            "agentid_server_policy_reload_failures",
+            "Policy reloads refused (the previous policies stay in force)",
+            reload_failures.clone(),
+        );
+        let (policy_tx, policy_rx) = watch::channel(Arc::new(policies.clone()));
+        if !config.policy.is_empty() {
+            policy_watch::spawn(
+                config.policy.clone(),
+                td.clone(),
+                policy_tx.clone(),
+                audit.clone(),
+                reload_failures,
+            )
+            .map_err(|e| anyhow::anyhow!("watching policy files: {e}"))?;
+        }
+        let tls = Arc::new(server_tls(&authority)?);
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        let listen_addr = listener
+            .local_addr()
+            .map_err(|source| ServerError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let admin_listener = bind_admin_socket(&config.admin_socket)?;
+        let node_api = NodeApi::new(
+            authority.clone(),
+            policy_rx,
+            joins.clone(),
+            audit.clone(),
+            config.node_svid_ttl,
+        );
+        let admin_api = AdminApi {
+            authority: authority.clone(),
+            joins,
+            audit,
+        };
+        let ready = Readiness::default();
+        let admin_addr = admin::spawn(
+            config.admin_addr,
+            config.admin_allow_remote,
+            registry,
+            ready.clone(),
+            serde_json::to_value(&config).map_err(anyhow::Error::new)?,
+        )
+        .await
+        .map_err(anyhow::Error::new)?;
+        Ok(Self {
+            policies: Arc::new(policies),
+            listen_addr,
+            admin_addr,
+            authority,
+            node_api,
+            admin_api,
+            tls,
+            listener,
+            admin_listener,
+            ready,
+            config,
+            _policy_tx: policy_tx,
+        })
+    }
+
+    /// The human banner printed at start.
+    pub fn banner(&self) -> String {
+        let mut out = format!(
+            "agentid server: trust domain {}\n",
+            self.config.trust_domain
+        );
+        out += &format!("  node API   {} (TLS)\n", self.listen_addr);
+        out += &format!(
+            "  admin      {} (unix socket, owner only)\n",
+            self.config.admin_socket.display()
+        );
+        out += &format!(
+            "  http       http://{}/ (healthz, readyz, metrics, config)\n",
+            self.admin_addr
+        );
+        out += "  policies\n";
+        for p in self.policies.policies() {
+            out += &format!("    {:<20} {}\n", p.name, p.origin);
+        }
+        out += &format!(
+            "\njoin a host:  agentid server token create --admin-socket {}\n",
+            self.config.admin_socket.display()
+        );
+        out
+    }
+
+    /// The authority (tests, `agentid up`-style embedding).
+    pub fn authority(&self) -> &Arc<Authority> {
+        &self.authority
+    }
+
+    /// Serves until `shutdown`; the admin socket file is removed on the way out.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop) = watch::channel(false);
+        let node = Server::builder()
+            .add_service(pb::node_server::NodeServer::new(self.node_api))
+            .serve_with_incoming_shutdown(
+                listen::incoming(self.listener, self.tls),
+                wait(stop.clone()),
+            );
+        let admin = Server::builder()
+            .add_service(pb::server_admin_server::ServerAdminServer::new(
+                self.admin_api,
+            ))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(self.admin_listener),
+                wait(stop),
+            );
+        self.ready.set(true);
+        let path = self.config.admin_socket.clone();
+        let result = tokio::select! {
+            r = async { tokio::try_join!(node, admin) } => r.map(|_| ()),
+            () = shutdown => {
+                let _ = stop_tx.send(true);
+                Ok(())
+            }
+        };
+        self.ready.set(false);
+        let _ = std::fs::remove_file(&path);
+        Ok(result?)
+    }
+}
+
+async fn wait(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// The TLS side of the node API: the server's own SVID (renewed at half-life), and node
+/// SVIDs checked against the current bundle (refreshed on every bundle change).
+fn server_tls(authority: &Arc<Authority>) -> Result<rustls::ServerConfig, ServerError> {
+    let td = authority.trust_domain().clone();
+    let id: SpiffeId = format!("{}/agentid/server", td.id_string())
+        .parse()
+        .map_err(anyhow::Error::new)?;
+    let (chain, key) = server_svid(authority, &id)?;
+    let identity = Identity::new(&chain, &key).map_err(anyhow::Error::new)?;
+    let trust = Trust::new(&authority.bundle()).map_err(anyhow::Error::new)?;
+    let accept = {
+        let td = td.clone();
+        Accept::new(move |peer| NodeKind::of(peer, &td).is_some())
+    };
+    let config =
+        tls::server_config(identity.clone(), trust.clone(), accept).map_err(anyhow::Error::new)?;
+    let authority = authority.clone();
+    tokio::spawn(async move {
+        let mut bundles = authority.subscribe();
+        let mut renew = tokio::time::interval(SERVER_SVID_TTL / 2);
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                r = bundles.changed() => {
+                    if r.is_err() { return; }
+                    let b = bundles.borrow_and_update().clone();
+                    if let Err(e) = trust.replace(&b) {
+                        tracing::error!(error = %e, "trusting the new bundle");
+                    }
+                }
+                _ = renew.tick() => {}
+            }
+            // A new bundle may carry a new CA: renew the server SVID under it too.
+            match server_svid(&authority, &id) {
+                Ok((chain, key)) => {
+                    if let Err(e) = identity.replace(&chain, &key) {
+                        tracing::error!(error = %e, "renewing the server SVID");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "renewing the server SVID"),
+            }
+        }
+    });
+    Ok(config)
+}
+
+fn server_svid(
+    authority: &Authority,
+    id: &SpiffeId,
+) -> Result<(Vec<Vec<u8>>, Vec<u8>), ServerError> {
+    let key = PrivateKey::generate().map_err(anyhow::Error::new)?;
+    let chain = authority
+        .sign_x509_svid(id, &key.spki_der(), SERVER_SVID_TTL, &[])
+        .map_err(anyhow::Error::new)?;
+    Ok((chain, key.pkcs8_der()))
+}
+
+/// Binds the admin socket with mode 0600: whoever can open it can enroll nodes.
+fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
+    let err = |source| ServerError::AdminSocket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServerError::AdminSocketInUse {
+                path: path.to_owned(),
+            });
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Local administration on the admin socket.
+#[derive(Clone)]
+struct AdminApi {
+    authority: Arc<Authority>,
+    joins: Arc<JoinTokens>,
+    audit: AuditLog,
+}
+
+#[tonic::async_trait]
+impl pb::server_admin_server::ServerAdmin for AdminApi {
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let body = req.into_inner();
+        let ttl = Duration::from_secs(u64::try_from(body.ttl_seconds).unwrap_or(0));
+        let node = Some(body.node_name).filter(|n| !n.is_empty());
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let (token, expires_at) = self
+            .joins
+            .create(ttl, node.clone(), now)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let reason = format!(
+            "join token created, valid {}{}",
+            humantime::format_duration(ttl),
+            node.map(|n| format!(" for node {n}")).unwrap_or_default()
+        );
+        if let Err(e) = self.audit.record(
+            AuditEvent::new(Action::Issued, "join-token")
+                .decision(Decision::allow().reason(reason)),
+        ) {
+            tracing::error!(error = %e, "writing audit record");
+        }
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            token,
+            expires_at,
+        }))
+    }
+
+    async fn rotate_keys(
+        &self,
+        _: Request<pb::RotateKeysRequest>,
+    ) -> Result<Response<pb::RotateKeysResponse>, Status> {
+        Err(Status::unimplemented(
+            "key rotation is not available on this server yet",
+        ))
+    }
+
+    async fn get_bundle(
+        &self,
+        _: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::GetBundleResponse>, Status> {
+        Ok(Response::new(pb::GetBundleResponse {
+            bundle: self.authority.bundle_document(),
+        }))
+    }
+}
+
+/// The CA certificates of a bundle document, for logs.
+pub fn bundle_summary(doc: &[u8]) -> String {
+    match crate::spiffe::SpiffeBundle::from_json(doc) {
+        Ok(b) => b
+            .x509_authorities
+            .iter()
+            .filter_map(|c| CertInfo::parse(c).ok())
+            .map(|i| i.fingerprint)
+            .collect::<Vec<_>>()
+            .join(", "),
+        Err(e) => format!("unreadable bundle: {e}"),
+    }
+}
