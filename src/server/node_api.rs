@@ -292,7 +292,7 @@ fn check_composite(
             ));
         }
         let hashed =
-            |digest: &Option<String>, files: &[String]| digest.is_some() == !files.is_empty();
+            |digest: &Option<String>, files: &[String]| digest.is_some() != files.is_empty();
         if !hashed(&id.config_digest, &spec.config_files)
             || !hashed(&id.tools_digest, &spec.tools_files)
         {
