@@ -33,6 +33,10 @@ pub enum LogFormat {
 pub enum Command {
     /// Run a whole trust domain on this machine: authority and Workload API in one process.
     Up(Box<UpArgs>),
+    /// The trust-domain authority of a cluster: attests node daemons and signs for them.
+    Server(Box<ServerCommand>),
+    /// A node daemon of a cluster: serves the Workload API, with `agentid server` signing.
+    Node(Box<NodeArgs>),
     /// X509-SVIDs from the Workload API.
     #[command(subcommand)]
     X509(X509Command),
@@ -175,6 +179,126 @@ impl K8sArgs {
             pod_wait: self.pod_wait,
         })
     }
+}
+
+/// `agentid server`: run the server, or administer a running one through its admin socket.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct ServerCommand {
+    #[command(subcommand)]
+    pub command: Option<ServerSubcommand>,
+    #[command(flatten)]
+    pub run: ServerArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerSubcommand {
+    /// Join tokens for hosts outside Kubernetes.
+    #[command(subcommand)]
+    Token(ServerTokenCommand),
+    /// The signing keys.
+    #[command(subcommand)]
+    Ca(ServerCaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerTokenCommand {
+    /// Create a single-use join token; prints it on stdout.
+    Create {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+        /// How long the token may be used.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Only a node of this name may use it.
+        #[arg(long)]
+        node_name: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerCaCommand {
+    /// Rotate the CA and JWT keys (audited).
+    Rotate {
+        #[command(flatten)]
+        admin: AdminSocketArg,
+        /// Make the next keys current now, even if they were not published ahead.
+        #[arg(long)]
+        now: bool,
+    },
+}
+
+/// The running server's admin socket.
+#[derive(Debug, Clone, Args)]
+pub struct AdminSocketArg {
+    /// Admin socket of the running server.
+    #[arg(long, env = "AGENTID_ADMIN_SOCKET", default_value_os_t = default_admin_socket())]
+    pub admin_socket: PathBuf,
+}
+
+/// `agentid server` flags.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Trust domain name.
+    #[arg(long, env = "AGENTID_TRUST_DOMAIN", default_value = "agentid.local")]
+    pub trust_domain: TrustDomain,
+    /// Where keys and state live: file:DIR, or kubernetes.
+    #[arg(long, env = "AGENTID_STORE", default_value_t = default_server_store())]
+    pub store: String,
+    /// Node API address (gRPC over TLS).
+    #[arg(long, env = "AGENTID_LISTEN", default_value = "0.0.0.0:8081")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub admin: AdminSocketArg,
+    /// Policy file or directory of *.yaml files; repeatable.
+    #[arg(long, env = "AGENTID_POLICY", value_delimiter = ',')]
+    pub policy: Vec<PathBuf>,
+    /// Admin HTTP listener (healthz, readyz, metrics, config).
+    #[arg(long, env = "AGENTID_ADMIN_ADDR", default_value = "127.0.0.1:9465")]
+    pub admin_addr: SocketAddr,
+    /// Allow a non-loopback admin address.
+    #[arg(long, env = "AGENTID_ADMIN_ALLOW_REMOTE")]
+    pub admin_allow_remote: bool,
+    /// Lifetime of node SVIDs (nodes renew at about half of it).
+    #[arg(long, env = "AGENTID_NODE_SVID_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub node_svid_ttl: Duration,
+}
+
+/// `agentid node` flags.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Trust domain name (the server's).
+    #[arg(long, env = "AGENTID_TRUST_DOMAIN", default_value = "agentid.local")]
+    pub trust_domain: TrustDomain,
+    /// The server's node API, https://HOST:PORT.
+    #[arg(long, env = "AGENTID_SERVER")]
+    pub server: String,
+    /// The trust domain's bundle to trust the server with (`agentid bundle export`).
+    #[arg(long, env = "AGENTID_SERVER_BUNDLE")]
+    pub server_bundle: PathBuf,
+    /// A single-use join token (`agentid server token create`), for hosts.
+    #[arg(long, env = "AGENTID_JOIN_TOKEN", conflicts_with = "k8s_token_file", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// A projected service-account token file with the server's audience, for Kubernetes nodes.
+    #[arg(long, env = "AGENTID_K8S_TOKEN_FILE")]
+    pub k8s_token_file: Option<PathBuf>,
+    /// Workload API socket path.
+    #[arg(long, env = "AGENTID_SOCKET", default_value_os_t = default_socket())]
+    pub socket: PathBuf,
+    /// Directory for the node SVID and the audit log.
+    #[arg(long, env = "AGENTID_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Admin HTTP listener (healthz, readyz, metrics, config).
+    #[arg(long, env = "AGENTID_ADMIN_ADDR", default_value = "127.0.0.1:9464")]
+    pub admin_addr: SocketAddr,
+    /// Allow a non-loopback admin address.
+    #[arg(long, env = "AGENTID_ADMIN_ALLOW_REMOTE")]
+    pub admin_allow_remote: bool,
+    /// How often every file behind a live composite identity is re-hashed.
+    #[arg(long, env = "AGENTID_REHASH_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub rehash_interval: Duration,
+    #[command(flatten)]
+    pub k8s: K8sArgs,
 }
 
 /// Where the client finds the Workload API.
@@ -324,6 +448,16 @@ pub enum BundleCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Print the trust domain's SPIFFE bundle document, the one a node bootstraps trust from:
+    /// from a server's store, or from a running server's admin socket.
+    Export {
+        /// The server's store (file:DIR).
+        #[arg(long, conflicts_with = "admin_socket")]
+        store: Option<String>,
+        /// A running server's admin socket.
+        #[arg(long)]
+        admin_socket: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -379,6 +513,16 @@ pub fn default_state_dir() -> PathBuf {
         (None, Some(h)) => h.join(".local/state/agentid"),
         (None, None) => PathBuf::from("/var/lib/agentid"),
     }
+}
+
+/// `file:$XDG_STATE_HOME/agentid/server` (or the home equivalent).
+pub fn default_server_store() -> String {
+    format!("file:{}", default_state_dir().join("server").display())
+}
+
+/// `$XDG_RUNTIME_DIR/agentid/server-admin.sock`, else `/tmp/agentid/server-admin.sock`.
+pub fn default_admin_socket() -> PathBuf {
+    default_socket().with_file_name("server-admin.sock")
 }
 
 /// `$XDG_RUNTIME_DIR/agentid/workload.sock`, else `/tmp/agentid/workload.sock`.

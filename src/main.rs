@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use agentid::cli::{
-    AuditCommand, BundleCommand, Cli, Command, JwtCommand, LogFormat, TokenCommand, X509Command,
+    AuditCommand, BundleCommand, Cli, Command, JwtCommand, LogFormat, ServerCaCommand,
+    ServerSubcommand, ServerTokenCommand, TokenCommand, X509Command,
 };
 use agentid::{bench, commands, up};
 use clap::Parser;
@@ -61,16 +62,7 @@ async fn run(command: Command) -> Result<(), Failure> {
                 k8s: args.k8s.config(),
             };
             tracing::info!(config = ?config, "starting agentid up");
-            let up = up::build(config).await.map_err(|e| {
-                if e.downcast_ref::<agentid::policy::PolicyError>().is_some()
-                    || e.downcast_ref::<agentid::node::k8s::K8sConfigError>()
-                        .is_some()
-                {
-                    Failure::Config(e)
-                } else {
-                    Failure::Other(e)
-                }
-            })?;
+            let up = up::build(config).await.map_err(config_or_other)?;
             print!("{}", up.banner());
             use std::io::Write;
             let _ = std::io::stdout().flush();
@@ -78,6 +70,40 @@ async fn run(command: Command) -> Result<(), Failure> {
             tracing::info!("agentid up stopped");
             Ok(())
         }
+        Command::Server(cmd) => match cmd.command {
+            None => {
+                let config = commands::cluster::server_config(cmd.run).map_err(Failure::Config)?;
+                tracing::info!(config = ?config, "starting agentid server");
+                let server = commands::cluster::server_build(config)
+                    .await
+                    .map_err(config_or_other)?;
+                server.serve(shutdown_signal()).await?;
+                tracing::info!("agentid server stopped");
+                Ok(())
+            }
+            Some(ServerSubcommand::Token(ServerTokenCommand::Create {
+                admin,
+                ttl,
+                node_name,
+            })) => Ok(commands::cluster::token_create(&admin.admin_socket, ttl, node_name).await?),
+            Some(ServerSubcommand::Ca(ServerCaCommand::Rotate { admin, now })) => {
+                Ok(commands::cluster::ca_rotate(&admin.admin_socket, now).await?)
+            }
+        },
+        Command::Node(args) => {
+            let config = commands::cluster::node_config(*args).map_err(Failure::Config)?;
+            tracing::info!(config = ?config, "starting agentid node");
+            let node = commands::cluster::node_build(config)
+                .await
+                .map_err(config_or_other)?;
+            node.serve(shutdown_signal()).await?;
+            tracing::info!("agentid node stopped");
+            Ok(())
+        }
+        Command::Bundle(BundleCommand::Export {
+            store,
+            admin_socket,
+        }) => Ok(commands::cluster::bundle_export(store, admin_socket).await?),
         Command::X509(X509Command::Watch { client }) => Ok(commands::x509_watch(client).await?),
         Command::X509(X509Command::Fetch { client, out }) => {
             Ok(commands::x509_fetch(client, out.as_deref()).await?)
@@ -117,6 +143,19 @@ async fn run(command: Command) -> Result<(), Failure> {
         Command::BenchFloor { socket } => {
             Ok(bench::floor::serve(&socket, shutdown_signal()).await?)
         }
+    }
+}
+
+/// A bad policy file or Kubernetes setting is a configuration error (exit 64).
+fn config_or_other(e: anyhow::Error) -> Failure {
+    let config = e.chain().any(|c| {
+        c.downcast_ref::<agentid::policy::PolicyError>().is_some()
+            || c.downcast_ref::<agentid::node::k8s::K8sConfigError>().is_some()
+    });
+    if config {
+        Failure::Config(e)
+    } else {
+        Failure::Other(e)
     }
 }
 

@@ -1,4 +1,5 @@
 //! The client subcommands: talk to the Workload API like any workload would.
+pub mod cluster;
 pub mod token;
 
 use std::io::Read;

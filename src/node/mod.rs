@@ -9,6 +9,8 @@ pub mod h2_authority;
 pub mod issuer;
 pub mod k8s;
 pub mod peer;
+pub mod remote;
+pub mod run;
 pub mod uds;
 pub mod workload_api;
 

@@ -1,0 +1,186 @@
+//! `agentid server`, `agentid node` and the commands that administer them.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::api::node as pb;
+use crate::api::node::server_admin_client::ServerAdminClient;
+use crate::cli::{NodeArgs, ServerArgs};
+use crate::node::remote::NodeCredential;
+use crate::node::run::{Node, NodeConfig};
+use crate::server::run::{ServerConfig, ServerDaemon, StoreSpec};
+use crate::server::{Authority, AuthorityConfig};
+use crate::spiffe::TrustDomain;
+
+/// The typed server configuration from its flags.
+pub fn server_config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
+    let store: StoreSpec = args
+        .store
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--store {e}"))?;
+    let mut c = ServerConfig::new(args.trust_domain, store);
+    c.listen = args.listen;
+    c.admin_socket = args.admin.admin_socket;
+    c.policy = args.policy;
+    c.admin_addr = args.admin_addr;
+    c.admin_allow_remote = args.admin_allow_remote;
+    c.node_svid_ttl = args.node_svid_ttl;
+    Ok(c)
+}
+
+/// Builds the server and prints its banner.
+pub async fn server_build(config: ServerConfig) -> anyhow::Result<ServerDaemon> {
+    let server = ServerDaemon::build(config).await?;
+    print!("{}", server.banner());
+    flush();
+    Ok(server)
+}
+
+/// The typed node configuration from its flags.
+pub fn node_config(args: NodeArgs) -> anyhow::Result<NodeConfig> {
+    let Some(node_name) = args.k8s.node_name.clone().filter(|n| !n.is_empty()) else {
+        bail!("--node-name is required (in Kubernetes, from the downward API: spec.nodeName)");
+    };
+    let (credential, shown) = match (args.join_token, args.k8s_token_file) {
+        (Some(t), None) => (NodeCredential::JoinToken(t), "join-token".to_owned()),
+        (None, Some(f)) => {
+            let shown = f.display().to_string();
+            (NodeCredential::K8sTokenFile(f), shown)
+        }
+        _ => bail!("give exactly one of --join-token and --k8s-token-file"),
+    };
+    let state_dir = args
+        .state_dir
+        .unwrap_or_else(|| crate::cli::default_state_dir().join("node"));
+    Ok(NodeConfig {
+        trust_domain: args.trust_domain,
+        server: args.server,
+        server_bundle: args.server_bundle,
+        node_name,
+        credential: shown,
+        credential_value: Some(credential),
+        socket: args.socket,
+        state_dir,
+        admin_addr: args.admin_addr,
+        admin_allow_remote: args.admin_allow_remote,
+        rehash_interval: args.rehash_interval,
+        k8s: args.k8s.config(),
+    })
+}
+
+/// Joins the server and prints the node's banner.
+pub async fn node_build(config: NodeConfig) -> anyhow::Result<Node> {
+    let node = Node::build(config).await?;
+    print!("{}", node.banner());
+    flush();
+    Ok(node)
+}
+
+fn flush() {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+}
+
+async fn admin_client(path: &Path) -> anyhow::Result<ServerAdminClient<tonic::transport::Channel>> {
+    if !path.exists() {
+        bail!(
+            "no admin socket at {}: is `agentid server` running, and is this its --admin-socket?",
+            path.display()
+        );
+    }
+    let owned = path.to_owned();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = owned.clone();
+            async move {
+                tokio::net::UnixStream::connect(p)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .with_context(|| format!("connecting to {}", path.display()))?;
+    Ok(ServerAdminClient::new(channel))
+}
+
+/// `agentid server token create`: the token alone on stdout.
+pub async fn token_create(
+    admin_socket: &Path,
+    ttl: Duration,
+    node_name: Option<String>,
+) -> anyhow::Result<()> {
+    let resp = admin_client(admin_socket)
+        .await?
+        .create_join_token(pb::CreateJoinTokenRequest {
+            ttl_seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+            node_name: node_name.unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    println!("{}", resp.token);
+    let expires = time::OffsetDateTime::from_unix_timestamp(resp.expires_at)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default();
+    eprintln!("single use, expires {expires}");
+    Ok(())
+}
+
+/// `agentid server ca rotate`.
+pub async fn ca_rotate(admin_socket: &Path, now: bool) -> anyhow::Result<()> {
+    if !now {
+        bail!("keys rotate on their schedule; pass --now to rotate at once (emergencies)");
+    }
+    let resp = admin_client(admin_socket)
+        .await?
+        .rotate_keys(pb::RotateKeysRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    for c in resp.changes {
+        println!("{c}");
+    }
+    Ok(())
+}
+
+/// `agentid bundle export`: the SPIFFE bundle document on stdout.
+pub async fn bundle_export(store: Option<String>, admin_socket: Option<PathBuf>) -> anyhow::Result<()> {
+    let doc = match (store, admin_socket) {
+        (Some(store), None) => {
+            let StoreSpec::File(dir) = store
+                .parse::<StoreSpec>()
+                .map_err(|e| anyhow::anyhow!("--store {e}"))?
+            else {
+                bail!("--store kubernetes: read the agentid-bundle ConfigMap instead (kubectl get configmap agentid-bundle -o jsonpath='{{.data.bundle\\.spiffe}}')");
+            };
+            let state = dir.join("authority");
+            if !state.is_dir() {
+                bail!("no authority in {}: has `agentid server --store file:{}` run?", dir.display(), dir.display());
+            }
+            let td = read_trust_domain(&state)?;
+            Authority::open(&state, td, AuthorityConfig::default())?.bundle_document()
+        }
+        (None, Some(path)) => {
+            admin_client(&path)
+                .await?
+                .get_bundle(pb::GetBundleRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner()
+                .bundle
+        }
+        _ => bail!("give --store file:DIR or --admin-socket PATH"),
+    };
+    println!("{}", String::from_utf8_lossy(&doc));
+    Ok(())
+}
+
+/// The trust domain of the authority stored in `state` (its `trust-domain` file).
+fn read_trust_domain(state: &Path) -> anyhow::Result<TrustDomain> {
+    let text = std::fs::read_to_string(state.join("trust-domain"))
+        .with_context(|| format!("reading the trust domain of {}", state.display()))?;
+    Ok(TrustDomain::new(text.trim())?)
+}
