@@ -277,7 +277,12 @@ pub struct NodeArgs {
     #[arg(long, env = "AGENTID_SERVER_BUNDLE")]
     pub server_bundle: PathBuf,
     /// A single-use join token (`agentid server token create`), for hosts.
-    #[arg(long, env = "AGENTID_JOIN_TOKEN", conflicts_with = "k8s_token_file", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "AGENTID_JOIN_TOKEN",
+        conflicts_with = "k8s_token_file",
+        hide_env_values = true
+    )]
     pub join_token: Option<String>,
     /// A projected service-account token file with the server's audience, for Kubernetes nodes.
     #[arg(long, env = "AGENTID_K8S_TOKEN_FILE")]

@@ -150,7 +150,8 @@ async fn run(command: Command) -> Result<(), Failure> {
 fn config_or_other(e: anyhow::Error) -> Failure {
     let config = e.chain().any(|c| {
         c.downcast_ref::<agentid::policy::PolicyError>().is_some()
-            || c.downcast_ref::<agentid::node::k8s::K8sConfigError>().is_some()
+            || c.downcast_ref::<agentid::node::k8s::K8sConfigError>()
+                .is_some()
     });
     if config {
         Failure::Config(e)

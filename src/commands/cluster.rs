@@ -123,7 +123,10 @@ pub async fn token_create(
     println!("{}", resp.token);
     let expires = time::OffsetDateTime::from_unix_timestamp(resp.expires_at)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default();
     eprintln!("single use, expires {expires}");
     Ok(())
@@ -147,18 +150,27 @@ pub async fn ca_rotate(admin_socket: &Path, now: bool) -> anyhow::Result<()> {
 }
 
 /// `agentid bundle export`: the SPIFFE bundle document on stdout.
-pub async fn bundle_export(store: Option<String>, admin_socket: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn bundle_export(
+    store: Option<String>,
+    admin_socket: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let doc = match (store, admin_socket) {
         (Some(store), None) => {
             let StoreSpec::File(dir) = store
                 .parse::<StoreSpec>()
                 .map_err(|e| anyhow::anyhow!("--store {e}"))?
             else {
-                bail!("--store kubernetes: read the agentid-bundle ConfigMap instead (kubectl get configmap agentid-bundle -o jsonpath='{{.data.bundle\\.spiffe}}')");
+                bail!(
+                    "--store kubernetes: read the agentid-bundle ConfigMap instead (kubectl get configmap agentid-bundle -o jsonpath='{{.data.bundle\\.spiffe}}')"
+                );
             };
             let state = dir.join("authority");
             if !state.is_dir() {
-                bail!("no authority in {}: has `agentid server --store file:{}` run?", dir.display(), dir.display());
+                bail!(
+                    "no authority in {}: has `agentid server --store file:{}` run?",
+                    dir.display(),
+                    dir.display()
+                );
             }
             let td = read_trust_domain(&state)?;
             Authority::open(&state, td, AuthorityConfig::default())?.bundle_document()

@@ -141,9 +141,12 @@ impl RemoteIssuer {
             None => {
                 let plain = tls::client_config(None, trust.clone(), accept_server.clone())?;
                 let mut client = NodeClient::new(channel(&host, port, plain));
-                let key = PrivateKey::generate().map_err(|e| RemoteError::BadAnswer(e.to_string()))?;
+                let key =
+                    PrivateKey::generate().map_err(|e| RemoteError::BadAnswer(e.to_string()))?;
                 let credential = match &config.credential {
-                    NodeCredential::JoinToken(t) => pb::attest_request::Credential::JoinToken(t.clone()),
+                    NodeCredential::JoinToken(t) => {
+                        pb::attest_request::Credential::JoinToken(t.clone())
+                    }
                     NodeCredential::K8sTokenFile(path) => {
                         let token = std::fs::read_to_string(path).map_err(|source| {
                             RemoteError::Credential {
@@ -151,7 +154,9 @@ impl RemoteIssuer {
                                 source,
                             }
                         })?;
-                        pb::attest_request::Credential::K8sServiceAccountToken(token.trim().to_owned())
+                        pb::attest_request::Credential::K8sServiceAccountToken(
+                            token.trim().to_owned(),
+                        )
                     }
                 };
                 let svid = client
@@ -235,8 +240,18 @@ fn parse_server(s: &str) -> Result<(String, u16), RemoteError> {
     if uri.scheme_str() != Some("https") {
         return Err(bad());
     }
-    let host = uri.host().ok_or_else(bad)?.trim_matches(['[', ']']).to_owned();
+    let host = uri
+        .host()
+        .ok_or_else(bad)?
+        .trim_matches(['[', ']'])
+        .to_owned();
     Ok((host, uri.port_u16().unwrap_or(443)))
+}
+
+/// A lazily connecting channel to the server at `https://host:port` speaking TLS with `config`.
+pub fn server_channel(server: &str, config: rustls::ClientConfig) -> Result<Channel, RemoteError> {
+    let (host, port) = parse_server(server)?;
+    Ok(channel(&host, port, config))
 }
 
 /// A lazily connecting channel that dials `host:port` and speaks TLS with `config`. Tonic
@@ -307,7 +322,11 @@ fn store_node_svid(dir: &Path, chain: &[Vec<u8>], key: &[u8]) -> Result<(), Remo
         std::fs::rename(&tmp, dir.join(name))
     };
     // Key first: a certificate without its key would be useless after a crash.
-    write(KEY_FILE, pem::encode(&pem::Pem::new("PRIVATE KEY", key.to_vec())).as_bytes()).map_err(err)?;
+    write(
+        KEY_FILE,
+        pem::encode(&pem::Pem::new("PRIVATE KEY", key.to_vec())).as_bytes(),
+    )
+    .map_err(err)?;
     write(SVID_FILE, to_pem(chain).as_bytes()).map_err(err)
 }
 
@@ -328,16 +347,20 @@ impl Sync {
         loop {
             match self.stream().await {
                 Ok(()) => backoff = BACKOFF_MIN,
-                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "server sync interrupted"),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "server sync interrupted")
+                }
             }
             if self.bundles.is_closed() && self.policies.is_closed() {
                 return;
             }
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            let _ = self
-                .status
-                .down_since
-                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+            let _ = self.status.down_since.compare_exchange(
+                0,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
             tokio::time::sleep(jitter(backoff)).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
@@ -379,7 +402,9 @@ impl Sync {
                     });
                 }
             }
-            Err(e) => tracing::error!(error = %e, "the server sent a bad bundle; keeping the last one"),
+            Err(e) => {
+                tracing::error!(error = %e, "the server sent a bad bundle; keeping the last one")
+            }
         }
         let sources = msg
             .policies
@@ -403,7 +428,9 @@ impl Sync {
                     true
                 });
             }
-            Err(e) => tracing::error!(error = %e, "the server sent policies this node cannot load; keeping the last ones"),
+            Err(e) => {
+                tracing::error!(error = %e, "the server sent policies this node cannot load; keeping the last ones")
+            }
         }
     }
 }
@@ -419,12 +446,17 @@ async fn renew(
     loop {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let left = (expiry(&chain) - now).max(0) as u64;
-        tokio::time::sleep(jitter(Duration::from_secs(left / 2).max(Duration::from_secs(1)))).await;
+        tokio::time::sleep(jitter(
+            Duration::from_secs(left / 2).max(Duration::from_secs(1)),
+        ))
+        .await;
         let mut backoff = BACKOFF_MIN;
         loop {
             match renew_once(&mut client, &identity, &dir).await {
                 Ok(new) => {
-                    status.node_svid_expiry.store(expiry(&new), Ordering::Relaxed);
+                    status
+                        .node_svid_expiry
+                        .store(expiry(&new), Ordering::Relaxed);
                     chain = new;
                     break;
                 }
@@ -479,7 +511,12 @@ impl SvidIssuer for RemoteIssuer {
                 req.workload.composite.as_ref(),
             )),
         };
-        let resp = self.client.clone().sign_x509_svid(msg).await.map_err(issue_error)?;
+        let resp = self
+            .client
+            .clone()
+            .sign_x509_svid(msg)
+            .await
+            .map_err(issue_error)?;
         Ok(resp.into_inner().cert_chain)
     }
 
@@ -492,7 +529,12 @@ impl SvidIssuer for RemoteIssuer {
                 req.workload.composite.as_ref(),
             )),
         };
-        let resp = self.client.clone().sign_jwt_svid(msg).await.map_err(issue_error)?;
+        let resp = self
+            .client
+            .clone()
+            .sign_jwt_svid(msg)
+            .await
+            .map_err(issue_error)?;
         Ok(resp.into_inner().token)
     }
 
@@ -523,15 +565,21 @@ impl SvidIssuer for RemoteIssuer {
                         let prefix = format!("refused by rule {rule}: ");
                         TaskTokenError::RefusedRemotely {
                             rule: rule.to_owned(),
-                            detail: s.message().strip_prefix(&prefix).unwrap_or(s.message()).to_owned(),
+                            detail: s
+                                .message()
+                                .strip_prefix(&prefix)
+                                .unwrap_or(s.message())
+                                .to_owned(),
                             invalid_request: s.code() == tonic::Code::InvalidArgument,
                         }
                     }
-                    None if s.code() == tonic::Code::PermissionDenied => TaskTokenError::RefusedRemotely {
-                        rule: "server".into(),
-                        detail: s.message().to_owned(),
-                        invalid_request: false,
-                    },
+                    None if s.code() == tonic::Code::PermissionDenied => {
+                        TaskTokenError::RefusedRemotely {
+                            rule: "server".into(),
+                            detail: s.message().to_owned(),
+                            invalid_request: false,
+                        }
+                    }
                     None => TaskTokenError::Unavailable(issue_error(s)),
                 });
             }
@@ -539,8 +587,12 @@ impl SvidIssuer for RemoteIssuer {
         // Never hand out a token this node cannot verify itself.
         let bundle = self.own_bundle.lock().expect("bundle").clone();
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let claims = token::verify::verify_unscoped(&resp.token, |_| Some(&*bundle), now)
-            .map_err(|e| TaskTokenError::Unavailable(IssueError(format!("the server's token does not verify: {e}"))))?;
+        let claims =
+            token::verify::verify_unscoped(&resp.token, |_| Some(&*bundle), now).map_err(|e| {
+                TaskTokenError::Unavailable(IssueError(format!(
+                    "the server's token does not verify: {e}"
+                )))
+            })?;
         Ok(Issued {
             token: resp.token,
             claims,

@@ -54,7 +54,10 @@ impl Node {
     /// for the first policies, and binds the socket.
     pub async fn build(config: NodeConfig) -> anyhow::Result<Self> {
         let bundle_doc = std::fs::read(&config.server_bundle).map_err(|e| {
-            anyhow::anyhow!("reading --server-bundle {}: {e}", config.server_bundle.display())
+            anyhow::anyhow!(
+                "reading --server-bundle {}: {e}",
+                config.server_bundle.display()
+            )
         })?;
         let server_bundle = SpiffeBundle::from_json(&bundle_doc).map_err(|e| {
             anyhow::anyhow!(
@@ -77,7 +80,10 @@ impl Node {
         .await?;
         let audit = AuditLog::open(
             &config.state_dir.join("audit.log"),
-            format!("agentid://{}/node/{}", config.trust_domain, config.node_name),
+            format!(
+                "agentid://{}/node/{}",
+                config.trust_domain, config.node_name
+            ),
         )?;
         let mut registry = Registry::default();
         let metrics = NodeMetrics::register(&mut registry);
@@ -135,15 +141,15 @@ impl Node {
             "  admin      http://{}/ (healthz, readyz, metrics, config)\n",
             self.admin_addr
         );
-        out += &format!(
-            "\nSPIFFE_ENDPOINT_SOCKET=unix://{}\n",
-            c.socket.display()
-        );
+        out += &format!("\nSPIFFE_ENDPOINT_SOCKET=unix://{}\n", c.socket.display());
         out
     }
 
     /// Serves until `shutdown`.
-    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         self.ready.set(true);
         let r = self.daemon.serve(shutdown).await;
         self.ready.set(false);

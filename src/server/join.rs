@@ -8,8 +8,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 
 use super::store::{FileStore, StoreError};
@@ -85,7 +83,8 @@ impl JoinTokens {
         }
         let mut raw = [0u8; 32];
         aws_lc_rs::rand::fill(&mut raw).map_err(|_| JoinError::Store("no randomness".into()))?;
-        let token = URL_SAFE_NO_PAD.encode(raw);
+        // Hex: a token that starts with '-' would read as a flag on a command line.
+        let token = hex::encode(raw);
         let expires_at = now.saturating_add(ttl.as_secs() as i64);
         let mut entries = self.entries.lock().expect("join tokens");
         entries.retain(|_, e| e.expires_at > now);

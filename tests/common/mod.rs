@@ -36,18 +36,28 @@ impl Daemon {
     /// Like `start_in` but returns the failure (exit status and stderr) instead of panicking.
     pub fn try_start_in(dir: &Path, extra: &[&str]) -> Result<Daemon, String> {
         std::fs::create_dir_all(dir).unwrap();
-        let socket = dir.join("workload.sock");
-        let state = dir.join("state");
+        let (socket, state) = (dir.join("workload.sock"), dir.join("state"));
+        let mut args: Vec<String> = vec!["up".into(), "--state-dir".into()];
+        args.push(state.display().to_string());
+        args.extend(["--socket".into(), socket.display().to_string()]);
+        args.extend(["--admin-addr".into(), "127.0.0.1:0".into()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::launch(dir, &args, socket, state, "SPIFFE_ENDPOINT_SOCKET=")
+    }
+
+    /// Runs `agentid ARGS…` with its stderr in `dir/stderr.log`, until it prints a line that
+    /// starts with `ready`; `socket` and `state` are recorded for the caller.
+    pub fn launch(
+        dir: &Path,
+        args: &[String],
+        socket: PathBuf,
+        state: PathBuf,
+        ready: &str,
+    ) -> Result<Daemon, String> {
+        std::fs::create_dir_all(dir).unwrap();
         let stderr_path = dir.join("stderr.log");
         let mut cmd = Command::new(bin());
-        cmd.arg("up")
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--admin-addr")
-            .arg("127.0.0.1:0")
-            .args(extra)
+        cmd.args(args)
             .env("AGENTID_LOG", "info,agentid=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -69,7 +79,7 @@ impl Daemon {
                 Ok(line) => {
                     banner.push_str(&line);
                     banner.push('\n');
-                    if line.starts_with("SPIFFE_ENDPOINT_SOCKET=") {
+                    if line.starts_with(ready) {
                         break;
                     }
                 }

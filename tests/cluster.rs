@@ -1,0 +1,529 @@
+//! Cluster mode with real processes: one `agentid server`, node daemons (`agentid node`) that
+//! join it with single-use tokens over TLS, SPIFFE clients on each node's socket, and the
+//! node API attacked directly with hand-made mTLS requests.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentid::api::node as pb;
+use agentid::api::node::node_client::NodeClient;
+use agentid::crypto::tls::{self, Accept, Identity, Trust};
+use agentid::crypto::{PrivateKey, x509::CertInfo};
+use agentid::node::remote::server_channel;
+use agentid::spiffe::SpiffeBundle;
+use common::{Daemon, my_uid};
+use futures::StreamExt;
+
+const TD: &str = "agentid.local";
+
+fn policy(path: &str) -> String {
+    format!(
+        "apiVersion: agentid.dev/v1alpha1\nkind: AgentIdentity\nmetadata: {{name: agent}}\nspec:\n  spiffeID: \"spiffe://{{{{ .TrustDomain }}}}{path}\"\n  selector: {{unix: {{uid: {uid}}}}}\n  tokens: {{audiences: [ledger], scopes: [\"ledger:read\"]}}\n",
+        uid = my_uid()
+    )
+}
+
+/// A running server and what nodes need to join it.
+struct Server {
+    daemon: Daemon,
+    dir: PathBuf,
+    url: String,
+    listen: String,
+    admin_socket: PathBuf,
+    policy: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path, policy_text: &str) -> Server {
+        Self::start_on(dir, policy_text, "127.0.0.1:0")
+    }
+
+    fn start_on(dir: &Path, policy_text: &str, listen: &str) -> Server {
+        let policy = dir.join("policies/agents.yaml");
+        std::fs::create_dir_all(policy.parent().unwrap()).unwrap();
+        if !policy.exists() {
+            std::fs::write(&policy, policy_text).unwrap();
+        }
+        let admin_socket = dir.join("admin.sock");
+        let args: Vec<String> = [
+            "server",
+            "--store",
+            &format!("file:{}", dir.join("store").display()),
+            "--listen",
+            listen,
+            "--admin-socket",
+            admin_socket.to_str().unwrap(),
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--policy",
+            policy.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let daemon = Daemon::launch(
+            &dir.join("server-run"),
+            &args,
+            admin_socket.clone(),
+            dir.join("store"),
+            "join a host:",
+        )
+        .unwrap_or_else(|e| panic!("agentid server did not start: {e}"));
+        let listen = daemon
+            .banner
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("node API"))
+            .and_then(|r| r.split_whitespace().next())
+            .expect("node API address in the banner")
+            .to_owned();
+        Server {
+            url: format!("https://{listen}"),
+            listen,
+            daemon,
+            dir: dir.to_owned(),
+            admin_socket,
+            policy,
+        }
+    }
+
+    /// `agentid server token create`; the token.
+    fn token(&self, extra: &[&str]) -> String {
+        let mut args = vec![
+            "server",
+            "token",
+            "create",
+            "--admin-socket",
+            self.admin_socket.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(common::bin())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// `agentid bundle export` into a file; its path.
+    fn bundle_file(&self) -> PathBuf {
+        let out = std::process::Command::new(common::bin())
+            .args(["bundle", "export", "--admin-socket"])
+            .arg(&self.admin_socket)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = self.dir.join("bundle.json");
+        std::fs::write(&path, &out.stdout).unwrap();
+        path
+    }
+
+    fn audit(&self) -> String {
+        std::fs::read_to_string(self.dir.join("store/audit.log")).unwrap_or_default()
+    }
+}
+
+/// Starts `agentid node NAME` joined with `token`.
+fn try_node(server: &Server, name: &str, token: &str) -> Result<Daemon, String> {
+    let dir = server.dir.join(format!("node-{name}"));
+    let socket = dir.join("workload.sock");
+    let state = dir.join("state");
+    let bundle = server.bundle_file();
+    let args: Vec<String> = [
+        "node",
+        "--server",
+        &server.url,
+        "--server-bundle",
+        bundle.to_str().unwrap(),
+        "--join-token",
+        token,
+        "--node-name",
+        name,
+        "--socket",
+        socket.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Daemon::launch(&dir, &args, socket, state, "SPIFFE_ENDPOINT_SOCKET=")
+}
+
+fn node(server: &Server, name: &str) -> Daemon {
+    let token = server.token(&[]);
+    try_node(server, name, &token).unwrap_or_else(|e| panic!("agentid node {name}: {e}"))
+}
+
+async fn client(d: &Daemon) -> spiffe::WorkloadApiClient {
+    spiffe::WorkloadApiClient::connect_to(d.endpoint())
+        .await
+        .unwrap()
+}
+
+/// The SPIFFE ID of the next SVID the stream sends, within `limit`.
+async fn next_id<S>(stream: &mut S, limit: Duration) -> Option<String>
+where
+    S: futures::Stream<Item = Result<spiffe::X509Svid, spiffe::workload_api::WorkloadApiError>>
+        + Unpin,
+{
+    match tokio::time::timeout(limit, stream.next()).await {
+        Ok(Some(Ok(svid))) => Some(svid.spiffe_id().to_string()),
+        Ok(Some(Err(e))) => panic!("stream error: {e}"),
+        _ => None,
+    }
+}
+
+/// Two nodes joined to one server: each issues SVIDs the server signed (they verify against
+/// the exported bundle), tokens and JWT-SVIDs minted through one validate through the other,
+/// and a policy change on the server reaches an open stream on a node.
+#[tokio::test]
+async fn two_nodes_issue_through_the_server_and_policy_changes_reach_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path(), &policy("/agent/me"));
+    let (a, b) = (node(&server, "a"), node(&server, "b"));
+
+    for n in [&a, &b] {
+        let out = n.dir.join("svid");
+        let (code, stdout, err) = common::cli(
+            &n.socket,
+            &["x509", "fetch", "--out", out.to_str().unwrap()],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            stdout.contains(&format!("spiffe://{TD}/agent/me")),
+            "{stdout}"
+        );
+        let verify = std::process::Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(out.join("bundle.pem"))
+            .arg(out.join("svid.pem"))
+            .output()
+            .expect("openssl");
+        assert!(
+            String::from_utf8_lossy(&verify.stdout).contains(": OK"),
+            "{}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
+    }
+    // A JWT-SVID from node a validates on node b, and a task token minted on a verifies on b.
+    let (code, jwt, err) = common::cli(&a.socket, &["jwt", "fetch", "--audience", "ledger"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = common::cli(
+        &b.socket,
+        &["jwt", "validate", "--audience", "ledger", jwt.trim()],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, token, err) = common::cli(
+        &a.socket,
+        &[
+            "token",
+            "mint",
+            "--audience",
+            "ledger",
+            "--scope",
+            "ledger:read",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, claims, err) = common::cli(
+        &b.socket,
+        &["token", "verify", "--audience", "ledger", token.trim()],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        claims.contains(&format!("spiffe://{TD}/agent/me")),
+        "{claims}"
+    );
+    // The server refuses what its policy does not allow, and the node passes the rule on.
+    let (code, _, err) = common::cli(
+        &a.socket,
+        &[
+            "token",
+            "mint",
+            "--audience",
+            "payroll",
+            "--scope",
+            "ledger:read",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("refused by rule audience_not_allowed"),
+        "{err}"
+    );
+
+    // A policy change on the server reaches an open stream on node a.
+    let c = client(&a).await;
+    let mut stream = c.stream_x509_svids().await.unwrap();
+    assert_eq!(
+        next_id(&mut stream, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some(format!("spiffe://{TD}/agent/me").as_str())
+    );
+    let tmp_policy = server.policy.with_extension("tmp");
+    std::fs::write(&tmp_policy, policy("/agent/renamed")).unwrap();
+    let changed = Instant::now();
+    std::fs::rename(&tmp_policy, &server.policy).unwrap();
+    let want = format!("spiffe://{TD}/agent/renamed");
+    loop {
+        let id = next_id(&mut stream, Duration::from_secs(10))
+            .await
+            .expect("the policy change reached the stream");
+        if id == want {
+            break;
+        }
+    }
+    eprintln!("policy change to stream: {:?}", changed.elapsed());
+
+    let audit = server.audit();
+    assert!(
+        audit.contains(&format!("spiffe://{TD}/agentid/host/a")),
+        "node a attested and audited"
+    );
+    assert!(
+        audit.lines().any(|l| l.contains("\"issued\"")
+            && l.contains("/agent/renamed")
+            && l.contains("agentid/host/a")),
+        "issuance audited with the node"
+    );
+}
+
+/// Join tokens are single use, expire, may be bound to a node name, and forged ones fail;
+/// each refusal stops the node with the reason and is audited by the server.
+#[tokio::test]
+async fn join_tokens_are_single_use_expiring_and_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path(), &policy("/agent/me"));
+    let used = server.token(&[]);
+    let _a = try_node(&server, "a", &used).unwrap();
+
+    let refused = |name: &str, token: &str, why: &str| {
+        let err = match try_node(&server, name, token) {
+            Ok(_) => panic!("node {name} joined with a bad token ({why})"),
+            Err(e) => e,
+        };
+        assert!(err.contains(why), "node {name}: expected {why:?}: {err}");
+    };
+    refused("replay", &used, "join token already used (replay)");
+    let short = server.token(&["--ttl", "1s"]);
+    std::thread::sleep(Duration::from_millis(2100));
+    refused("late", &short, "join token expired");
+    let bound = server.token(&["--node-name", "x"]);
+    refused("y", &bound, "join token is bound to node \"x\"");
+    refused("forged", "not-a-token", "join token unknown");
+    refused(
+        "bad/name",
+        &server.token(&[]),
+        "node_name must be one SPIFFE ID path segment",
+    );
+    assert!(
+        try_node(&server, "x", &bound).is_ok(),
+        "the bound token works for its node"
+    );
+
+    let audit = server.audit();
+    for why in ["replay", "expired", "bound to node", "unknown"] {
+        assert!(
+            audit
+                .lines()
+                .any(|l| l.contains("\"denied\"") && l.contains(why)),
+            "refusal {why} audited"
+        );
+    }
+}
+
+/// The node API seen by an attacker: garbage bytes, calls without a node SVID, and a node
+/// that asks for what its workloads are not entitled to. None of it gets a signature, and
+/// the server keeps serving.
+#[tokio::test]
+async fn node_api_refuses_garbage_impersonation_and_overreach() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path(), &policy("/agent/me"));
+    let a = node(&server, "a");
+    let bundle = SpiffeBundle::from_json(&std::fs::read(server.bundle_file()).unwrap()).unwrap();
+
+    // Garbage on the TLS port.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&server.listen).unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x16\x03\x01garbage");
+    }
+    // Without a client certificate only Attest may be called.
+    let trust = Trust::new(&bundle).unwrap();
+    let server_id = format!("spiffe://{TD}/agentid/server");
+    let accept = Accept::new(move |id| id.to_string() == server_id);
+    let plain = tls::client_config(None, trust.clone(), accept.clone()).unwrap();
+    let mut anon = NodeClient::new(server_channel(&server.url, plain).unwrap());
+    let err = anon
+        .sign_x509_svid(sign_request("/agent/me", my_uid(), ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+
+    // Node a's own SVID (a root attacker on node a has it), used by hand.
+    let state = a.dir.join("state");
+    let chain: Vec<Vec<u8>> = pem::parse_many(std::fs::read(state.join("node-svid.pem")).unwrap())
+        .unwrap()
+        .into_iter()
+        .map(pem::Pem::into_contents)
+        .collect();
+    let key = pem::parse(std::fs::read(state.join("node-svid.key")).unwrap())
+        .unwrap()
+        .into_contents();
+    let id = Identity::new(&chain, &key).unwrap();
+    let mtls = tls::client_config(Some(id), trust, accept).unwrap();
+    let mut node_a = NodeClient::new(server_channel(&server.url, mtls).unwrap());
+    // Entitled: signed.
+    let ok = node_a
+        .sign_x509_svid(sign_request("/agent/me", my_uid(), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let leaf = CertInfo::parse(&ok.cert_chain[0]).unwrap();
+    assert_eq!(
+        leaf.spiffe_id.unwrap().to_string(),
+        format!("spiffe://{TD}/agent/me")
+    );
+    // A workload no policy gives that ID.
+    let err = node_a
+        .sign_x509_svid(sign_request("/agent/me", my_uid() + 4242, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("no policy gives"), "{err:?}");
+    // An ID nobody is given.
+    let err = node_a
+        .sign_x509_svid(sign_request("/agent/admin", my_uid(), ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    // A host node claiming a pod.
+    let mut pod = sign_request("/agent/me", my_uid(), "");
+    pod.workload.as_mut().unwrap().pod_uid = "0f5c2d7e-0000-4000-8000-000000000001".into();
+    let err = node_a.sign_x509_svid(pod).await.unwrap_err();
+    assert!(
+        err.message().contains("cannot claim Kubernetes pods"),
+        "{err:?}"
+    );
+    // A composite identity the policy does not declare.
+    let forged = r#"{"v":1,"model":{"provider":"acme","id":"gpt"}}"#;
+    let err = node_a
+        .sign_x509_svid(sign_request("/agent/me", my_uid(), forged))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("composite identity"), "{err:?}");
+    // Not a P-256 key.
+    let mut bad_key = sign_request("/agent/me", my_uid(), "");
+    bad_key.public_key = b"not a key".to_vec();
+    let err = node_a.sign_x509_svid(bad_key).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
+    // An SVID of another trust domain is not a node of this one.
+    let other = Daemon::start_in(&tmp.path().join("other"), &["--trust-domain", "other.test"]);
+    let out = other.dir.join("svid");
+    let (code, _, e) = common::cli(
+        &other.socket,
+        &["x509", "fetch", "--out", out.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{e}");
+    let foreign_chain: Vec<Vec<u8>> = pem::parse_many(std::fs::read(out.join("svid.pem")).unwrap())
+        .unwrap()
+        .into_iter()
+        .map(pem::Pem::into_contents)
+        .collect();
+    let foreign_key = pem::parse(std::fs::read(out.join("svid.key")).unwrap())
+        .unwrap()
+        .into_contents();
+    let foreign = tls::client_config(
+        Some(Identity::new(&foreign_chain, &foreign_key).unwrap()),
+        Trust::new(&bundle).unwrap(),
+        Accept::new(|_| true),
+    )
+    .unwrap();
+    let mut impostor = NodeClient::new(server_channel(&server.url, foreign).unwrap());
+    assert!(
+        impostor
+            .sign_x509_svid(sign_request("/agent/me", my_uid(), ""))
+            .await
+            .is_err(),
+        "a foreign SVID gets nothing"
+    );
+
+    // After all that, the node still serves.
+    let (code, _, err) = common::cli(&a.socket, &["x509", "fetch"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        server.audit().contains("cannot claim Kubernetes pods"),
+        "overreach audited"
+    );
+}
+
+fn sign_request(path: &str, uid: u32, composite: &str) -> pb::SignX509SvidRequest {
+    pb::SignX509SvidRequest {
+        spiffe_id: format!("spiffe://{TD}{path}"),
+        public_key: PrivateKey::generate().unwrap().spki_der(),
+        workload: Some(pb::Workload {
+            uid,
+            gid: uid,
+            composite: composite.into(),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Kill the server while a client streams from a node: the client sees no error and still
+/// fetches (from the node's cache); once the server is back on the same address, the node
+/// reconnects and a policy change reaches the open stream again.
+#[tokio::test]
+async fn server_restart_is_invisible_to_workloads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Server::start(tmp.path(), &policy("/agent/me"));
+    let a = node(&server, "a");
+    let c = client(&a).await;
+    let mut stream = c.stream_x509_svids().await.unwrap();
+    assert!(next_id(&mut stream, Duration::from_secs(5)).await.is_some());
+
+    let listen = server.listen.clone();
+    server.daemon.signal(libc::SIGKILL);
+    std::thread::sleep(Duration::from_secs(1));
+    // Cached: no error while the server is away.
+    let again = Arc::new(client(&a).await);
+    assert!(again.fetch_x509_svid().await.is_ok(), "served from cache");
+    assert!(
+        next_id(&mut stream, Duration::from_millis(1500))
+            .await
+            .is_none(),
+        "the stream stays open and quiet"
+    );
+
+    drop(server.daemon);
+    server = Server::start_on(tmp.path(), "", &listen);
+    let tmp_policy = server.policy.with_extension("tmp");
+    std::fs::write(&tmp_policy, policy("/agent/after-restart")).unwrap();
+    std::fs::rename(&tmp_policy, &server.policy).unwrap();
+    let want = format!("spiffe://{TD}/agent/after-restart");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let id = next_id(&mut stream, left)
+            .await
+            .expect("the node reconnected and the change reached the stream");
+        if id == want {
+            break;
+        }
+    }
+}
