@@ -489,6 +489,9 @@ pub struct BenchArgs {
     /// Concurrent FetchJWTSVID clients, one connection each.
     #[arg(long, value_delimiter = ',', default_value = "1,100")]
     pub jwt_levels: Vec<usize>,
+    /// Concurrent node connections for the cluster signing measurement.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    pub node_levels: Vec<usize>,
     /// Pods in the index for the Kubernetes attestation measurement.
     #[arg(long, value_delimiter = ',', default_value = "10,500,5000")]
     pub pod_levels: Vec<usize>,

@@ -22,6 +22,8 @@ fn quick_bench_reports_every_figure_against_the_floor() {
             "20",
             "--pod-levels",
             "10,300",
+            "--node-levels",
+            "1,3",
             "--json",
         ])
         .output()
@@ -58,6 +60,17 @@ fn quick_bench_reports_every_figure_against_the_floor() {
         tokens["raw_verify_per_sec"].as_f64().unwrap() > 0.0,
         "{tokens}"
     );
+    let cluster = &report["cluster"];
+    let levels = cluster["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2, "{cluster}");
+    assert_eq!(levels[1]["nodes"], 3);
+    for l in levels {
+        assert!(l["signs_per_sec"].as_f64().unwrap() > 0.0, "{cluster}");
+        assert!(l["server_cpu_us"].as_f64().unwrap() > 0.0, "{cluster}");
+    }
+    assert_eq!(cluster["push_samples"], 4);
+    assert!(cluster["push_p50_ms"].as_f64().unwrap() > 0.0, "{cluster}");
+    assert!(cluster["node_rss_mib"].as_f64().unwrap() > 0.0, "{cluster}");
     let drift = &report["drift"];
     assert_eq!(drift["samples"], 5);
     assert!(drift["p50_ms"].as_f64().unwrap() > 0.0, "{drift}");

@@ -7,6 +7,7 @@
 //! (floor, daemon, floor, daemon...) so drift on a shared machine hits both alike, and every
 //! figure is reported as daemon/floor. Issuance is measured against raw ECDSA signing.
 pub mod attest;
+pub mod cluster;
 pub mod floor;
 pub mod load;
 pub mod pods;
@@ -40,6 +41,7 @@ pub struct Report {
     pub rss: Rss,
     pub issuance: Signing,
     pub tokens: tokens::Tokens,
+    pub cluster: cluster::Cluster,
     pub drift: attest::Drift,
     pub pods: attest::Pods,
     pub targets: Vec<Target>,
@@ -174,6 +176,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     progress("task tokens: mint and delegate through the socket, verification");
     let tokens = tokens::measure(&exe, dir.path(), plan.window, plan.rounds).await?;
 
+    progress("cluster: server signing for node connections, policy push to a node's stream");
+    let push_samples = if args.quick { 4 } else { 40 };
+    let cluster = cluster::measure(
+        &exe,
+        dir.path(),
+        &args.node_levels,
+        plan.window,
+        push_samples,
+    )
+    .await?;
+
     progress("Kubernetes attestation against pod index size");
     let pods = attest::pods(&args.pod_levels, if args.quick { 200 } else { 5000 }).await;
 
@@ -194,6 +207,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         rss,
         issuance,
         tokens,
+        cluster,
         drift,
         pods,
     };
@@ -464,6 +478,30 @@ pub fn render(r: &Report) -> String {
         format!("{:.0}/s", t.raw_verify_per_sec),
     );
     out.push('\n');
+    let c = &r.cluster;
+    let _ = writeln!(
+        out,
+        "Cluster: agentid server signing X509-SVIDs for node connections (raw ECDSA, 1 core: {:.0}/s)",
+        c.raw_signs_per_sec
+    );
+    for l in &c.levels {
+        let _ = writeln!(
+            out,
+            "  {:>4} node(s)  {:>7.0}/s  {:.2}x raw  p50 {:.2} ms  p99 {:.2} ms  server CPU {:.0} us/SVID ({:.0}% signing)",
+            l.nodes,
+            l.signs_per_sec,
+            l.ratio_to_raw,
+            l.p50_ms,
+            l.p99_ms,
+            l.server_cpu_us,
+            l.cpu_efficiency * 100.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  policy change -> node stream: p50 {:.0} ms  p99 {:.0} ms ({} samples)\n  RSS: server {:.1} MiB, node {:.1} MiB\n",
+        c.push_p50_ms, c.push_p99_ms, c.push_samples, c.server_rss_mib, c.node_rss_mib
+    );
     match &r.pods.unavailable {
         Some(why) => {
             let _ = writeln!(out, "Kubernetes attestation: not measured: {why}\n");

@@ -78,7 +78,8 @@ impl Server {
         Self::spawn("floor", cmd, socket, dir)
     }
 
-    fn spawn(
+    /// Starts `cmd` as the server named `name`, listening on `socket`; logs in `dir`.
+    pub(super) fn spawn(
         name: &'static str,
         mut cmd: Command,
         socket: PathBuf,
