@@ -526,4 +526,6 @@ async fn server_restart_is_invisible_to_workloads() {
             break;
         }
     }
+    let (_, metrics) = common::http_get(&a.admin, "/metrics");
+    assert!(metrics.contains("agentid_node_server_up 1"), "{metrics}");
 }

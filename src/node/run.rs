@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 use super::daemon::{NodeDaemon, NodeOptions};
 use super::k8s::K8sConfig;
-use super::remote::{NodeCredential, RemoteConfig, RemoteIssuer};
+use super::remote::{NodeCredential, RemoteConfig, RemoteIssuer, SyncStatus};
 use crate::admin::{self, Readiness};
 use crate::audit::AuditLog;
 use crate::metrics::NodeMetrics;
@@ -39,6 +40,38 @@ pub struct NodeConfig {
     #[serde(with = "humantime_serde")]
     pub rehash_interval: Duration,
     pub k8s: Option<K8sConfig>,
+}
+
+/// Exposes the link to the server: whether the sync stream is up, when the server last spoke,
+/// and when the node SVID expires (so an alert can fire before the node loses its identity).
+fn spawn_server_metrics(registry: &mut Registry, status: Arc<SyncStatus>) {
+    let up: Gauge = Gauge::default();
+    let last: Gauge = Gauge::default();
+    let expiry: Gauge = Gauge::default();
+    registry.register(
+        "agentid_node_server_up",
+        "1 while the sync stream from the server is connected, else 0",
+        up.clone(),
+    );
+    registry.register(
+        "agentid_node_server_last_sync_timestamp_seconds",
+        "When the server last sent policies or bundles (Unix seconds)",
+        last.clone(),
+    );
+    registry.register(
+        "agentid_node_svid_expiry_timestamp_seconds",
+        "Expiry of this node's own SVID (Unix seconds)",
+        expiry.clone(),
+    );
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            up.set(i64::from(status.down_since.load(Ordering::Relaxed) == 0));
+            last.set(status.last_sync.load(Ordering::Relaxed));
+            expiry.set(status.node_svid_expiry.load(Ordering::Relaxed));
+        }
+    });
 }
 
 /// A joined node daemon, ready to serve.
@@ -87,6 +120,7 @@ impl Node {
         )?;
         let mut registry = Registry::default();
         let metrics = NodeMetrics::register(&mut registry);
+        spawn_server_metrics(&mut registry, issuer.status.clone());
         let ready = Readiness::default();
         let status = issuer.status.clone();
         ready.add_check(Arc::new(move || {
