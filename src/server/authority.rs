@@ -502,15 +502,6 @@ impl Authority {
     ) -> Result<(), AuthorityError> {
         let rules = self.config.lifecycle(kind);
         let ring = state.ring_mut(kind);
-        for slot in ring.retire_due(&rules, now) {
-            out.push(Pending {
-                kind,
-                change: KeyChange::Retired,
-                slot,
-                notice: None,
-                emergency: false,
-            });
-        }
         // Activation can make a preparation due at once (after downtime); a few rounds settle.
         for _ in 0..4 {
             if ring.activate_at(&rules).is_some_and(|t| t <= now) {
@@ -536,6 +527,16 @@ impl Authority {
             } else {
                 break;
             }
+        }
+        // Last, so a CA that expired while the authority was down goes in the same step.
+        for slot in ring.retire_due(&rules, now) {
+            out.push(Pending {
+                kind,
+                change: KeyChange::Retired,
+                slot,
+                notice: None,
+                emergency: false,
+            });
         }
         Ok(())
     }

@@ -68,7 +68,10 @@ impl KeyEvent {
                     (true, false) => {
                         format!("emergency rotation: activated {key}, published {notice} before")
                     }
-                    (false, _) => format!("activated {key}, published {notice} before"),
+                    (false, true) => {
+                        format!("activated {key}, unannounced: the key it replaces had expired")
+                    }
+                    (false, false) => format!("activated {key}, published {notice} before"),
                 }
             }
             KeyChange::Retired => {

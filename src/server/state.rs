@@ -15,7 +15,7 @@
 //! - **activate**: at `max(end of current's signing period, next published + P)` next becomes
 //!   current and the old current becomes previous. A key signs for half of what is left of
 //!   its validity when it is activated (at most `L/2`), so the second half covers what it
-//!   signed. If the current key has expired, next is activated at once.
+//!   signed. A CA that has expired (after downtime) is replaced at once, without notice.
 //! - **retire**: a previous key leaves the bundle when nothing it signed can still be valid:
 //!   CA at `min(deactivated + max X509-SVID TTL, its notAfter)` (SVIDs never outlive their CA);
 //!   JWT key at `deactivated + max JWT lifetime` (JWT-SVIDs and task tokens: 1 h), each plus a
@@ -211,15 +211,17 @@ impl KeyRing {
     }
 
     /// When the next key, if there is one, becomes current: not before it has been published
-    /// for `prepare_ahead`, unless the current key expires first.
+    /// for `prepare_ahead`, unless the current key cannot sign any more (a CA past its
+    /// notAfter, after downtime). A JWT key has no such limit and keeps signing meanwhile.
     pub fn activate_at(&self, rules: &Lifecycle) -> Option<SystemTime> {
         let next = self.next.as_ref()?;
         let announced = next.published_at + rules.prepare_ahead;
-        Some(
-            self.signing_ends(rules)
-                .max(announced)
-                .min(self.current.not_after),
-        )
+        let at = self.signing_ends(rules).max(announced);
+        Some(if rules.credentials_capped {
+            at.min(self.current.not_after)
+        } else {
+            at
+        })
     }
 
     /// The earliest time at which something is due for this ring.
@@ -317,9 +319,15 @@ mod tests {
         // Prepared late (the authority was down): it still gets its notice ...
         ring.next = Some(slot(700, 1000));
         assert_eq!(ring.activate_at(&RULES), Some(at(800)));
-        // ... but not past the current key's expiry.
+        // ... but not past the current CA's expiry ...
         ring.next = Some(slot(950, 1000));
         assert_eq!(ring.activate_at(&RULES), Some(at(1000)));
+        // ... while a JWT key, which signs as well after its nominal end, waits for the notice.
+        let jwt = Lifecycle {
+            credentials_capped: false,
+            ..RULES
+        };
+        assert_eq!(ring.activate_at(&jwt), Some(at(1050)));
     }
 
     #[test]

@@ -395,6 +395,36 @@ fn rotate_now_activates_the_published_next_or_an_unannounced_new_key() {
 }
 
 #[test]
+fn after_downtime_an_expired_ca_is_replaced_at_once_and_a_jwt_key_with_notice() {
+    let t0 = SystemTime::now();
+    let dir = tempfile::tempdir().unwrap();
+    let ca0 = open(dir.path(), t0).bundle().x509_authorities[0].clone();
+    // Back after 2000 s: the 1200 s CA has expired, the JWT key is overdue.
+    let later = t0 + Duration::from_secs(2000);
+    let a = open(dir.path(), later);
+    let events = a.tick(later).unwrap();
+    assert_eq!(
+        changes(&events),
+        [
+            (KeyKind::X509Ca, KeyChange::Prepared),
+            (KeyKind::X509Ca, KeyChange::Activated),
+            (KeyKind::X509Ca, KeyChange::Retired),
+            (KeyKind::Jwt, KeyChange::Prepared),
+        ]
+    );
+    assert_eq!(events[1].notice, Some(Duration::ZERO));
+    assert!(
+        events[1].reason().contains("unannounced"),
+        "{}",
+        events[1].reason()
+    );
+    assert_eq!(ca_der(&a.key_state().x509.current), signing_ca(&a));
+    assert!(!a.bundle().x509_authorities.contains(&ca0));
+    // The JWT key still signs until its successor has been announced.
+    assert_eq!(a.rotation_due(), later + Duration::from_secs(100));
+}
+
+#[test]
 fn a_restart_in_any_state_resumes_the_schedule() {
     let t0 = SystemTime::now();
     let dir = tempfile::tempdir().unwrap();
