@@ -264,6 +264,8 @@ pub struct ServerArgs {
     /// Lifetime of node SVIDs (nodes renew at about half of it).
     #[arg(long, env = "AGENTID_NODE_SVID_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub node_svid_ttl: Duration,
+    #[command(flatten)]
+    pub rotation: RotationArgs,
 }
 
 /// `agentid node` flags.
