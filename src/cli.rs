@@ -90,6 +90,8 @@ pub struct UpArgs {
     pub rehash_interval: std::time::Duration,
     #[command(flatten)]
     pub k8s: K8sArgs,
+    #[command(flatten)]
+    pub rotation: RotationArgs,
 }
 
 /// How callers are attested.
@@ -262,6 +264,8 @@ pub struct ServerArgs {
     /// Lifetime of node SVIDs (nodes renew at about half of it).
     #[arg(long, env = "AGENTID_NODE_SVID_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub node_svid_ttl: Duration,
+    #[command(flatten)]
+    pub rotation: RotationArgs,
 }
 
 /// `agentid node` flags.
@@ -538,5 +542,66 @@ pub fn default_socket() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
         Some(d) => PathBuf::from(d).join("agentid/workload.sock"),
         None => PathBuf::from("/tmp/agentid/workload.sock"),
+    }
+}
+
+/// Lifetimes and rotation of the embedded authority's keys (short values are for tests).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Key rotation")]
+pub struct RotationArgs {
+    /// Lifetime of each CA certificate; a CA signs for about the first half of it.
+    #[arg(long, env = "AGENTID_CA_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub ca_ttl: Duration,
+    /// Lifetime of each JWT signing key; it signs for about the first half of it.
+    #[arg(long, env = "AGENTID_JWT_KEY_TTL", default_value = "1d", value_parser = humantime::parse_duration)]
+    pub jwt_key_ttl: Duration,
+    /// How long a new key is in the bundle before it signs (at least 3 bundle refresh hints).
+    #[arg(long, env = "AGENTID_ROTATION_PREPARE_AHEAD", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub rotation_prepare_ahead: Duration,
+    /// Bundle refresh interval suggested to federation peers.
+    #[arg(long, env = "AGENTID_BUNDLE_REFRESH_HINT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub bundle_refresh_hint: Duration,
+}
+
+impl RotationArgs {
+    /// The authority configuration these flags give (checked by `AuthorityConfig::validate`).
+    pub fn config(&self) -> crate::server::AuthorityConfig {
+        crate::server::AuthorityConfig {
+            ca_ttl: self.ca_ttl,
+            jwt_key_ttl: self.jwt_key_ttl,
+            prepare_ahead: self.rotation_prepare_ahead,
+            refresh_hint: self.bundle_refresh_hint,
+        }
+    }
+}
+
+#[cfg(test)]
+mod rotation_args_tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_authority_defaults() {
+        let cli = Cli::try_parse_from(["agentid", "up"]).unwrap();
+        let Command::Up(up) = cli.command else {
+            panic!("not up")
+        };
+        assert_eq!(
+            up.rotation.config(),
+            crate::server::AuthorityConfig::default()
+        );
+        let cli = Cli::try_parse_from([
+            "agentid",
+            "up",
+            "--ca-ttl",
+            "20s",
+            "--rotation-prepare-ahead",
+            "6s",
+        ])
+        .unwrap();
+        let Command::Up(up) = cli.command else {
+            panic!("not up")
+        };
+        assert_eq!(up.rotation.config().ca_ttl, Duration::from_secs(20));
+        assert_eq!(up.rotation.config().prepare_ahead, Duration::from_secs(6));
     }
 }

@@ -60,6 +60,7 @@ async fn run(command: Command) -> Result<(), Failure> {
                 admin_allow_remote: args.admin_allow_remote,
                 rehash_interval: args.rehash_interval,
                 k8s: args.k8s.config(),
+                authority: args.rotation.config(),
             };
             tracing::info!(config = ?config, "starting agentid up");
             let up = up::build(config).await.map_err(config_or_other)?;
@@ -151,6 +152,8 @@ fn config_or_other(e: anyhow::Error) -> Failure {
     let config = e.chain().any(|c| {
         c.downcast_ref::<agentid::policy::PolicyError>().is_some()
             || c.downcast_ref::<agentid::node::k8s::K8sConfigError>()
+                .is_some()
+            || c.downcast_ref::<agentid::server::AuthorityConfigError>()
                 .is_some()
     });
     if config {

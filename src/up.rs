@@ -22,7 +22,7 @@ use crate::node::issuer::{
 use crate::node::k8s::{self as pods, K8sConfig};
 use crate::policy::{PolicySet, load_paths};
 use crate::policy_watch;
-use crate::server::{Authority, AuthorityConfig};
+use crate::server::{Authority, AuthorityConfig, spawn_rotation};
 use crate::spiffe::TrustDomain;
 use crate::token::{self, FanOut, Issued};
 
@@ -40,39 +40,70 @@ pub struct UpConfig {
     pub rehash_interval: std::time::Duration,
     /// Kubernetes workload attestation; `None` attests local processes only.
     pub k8s: Option<K8sConfig>,
+    /// Key lifetimes and rotation of the authority.
+    pub authority: AuthorityConfig,
 }
 
 /// The in-process issuer: the node daemon's signing requests go straight to the authority.
 struct LocalIssuer {
     authority: Arc<Authority>,
-    bundles: watch::Receiver<Arc<TrustBundles>>,
+    bundles: Arc<BundleRelay>,
     /// Delegations per task and delegator, for `maxFanOut`.
     fan_out: FanOut,
 }
 
-impl LocalIssuer {
-    fn new(authority: Arc<Authority>) -> Self {
-        let td = authority.trust_domain().clone();
-        let to_bundles = move |own| {
-            Arc::new(TrustBundles {
-                trust_domain: td.clone(),
+/// The authority's bundle as the node daemon's trust bundles. Updated by a task on every
+/// change and, before a signed credential is handed back, by the signing call itself: a
+/// credential from a just-activated key never reaches a stream before the bundle with it.
+struct BundleRelay {
+    authority: Arc<Authority>,
+    tx: watch::Sender<Arc<TrustBundles>>,
+}
+
+impl BundleRelay {
+    fn new(authority: Arc<Authority>) -> Arc<Self> {
+        let own = authority.bundle();
+        let relay = Arc::new(Self {
+            tx: watch::Sender::new(Arc::new(TrustBundles {
+                trust_domain: authority.trust_domain().clone(),
                 own,
                 federated: Default::default(),
-            })
-        };
-        let (tx, rx) = watch::channel(to_bundles(authority.bundle()));
-        let mut changes = authority.subscribe();
+            })),
+            authority,
+        });
+        let mut changes = relay.authority.subscribe();
+        let weak = Arc::downgrade(&relay);
         tokio::spawn(async move {
             while changes.changed().await.is_ok() {
-                let own = changes.borrow_and_update().clone();
-                if tx.send(to_bundles(own)).is_err() {
-                    return;
-                }
+                let Some(relay) = weak.upgrade() else { return };
+                relay.sync();
             }
         });
+        relay
+    }
+
+    /// Publishes the authority's bundle if it is newer than the one out (by sequence, so the
+    /// task and a signing call racing cannot put an older one back).
+    fn sync(&self) {
+        let own = self.authority.bundle();
+        self.tx.send_if_modified(|b| {
+            if own.sequence <= b.own.sequence {
+                return false;
+            }
+            *b = Arc::new(TrustBundles {
+                own,
+                ..(**b).clone()
+            });
+            true
+        });
+    }
+}
+
+impl LocalIssuer {
+    fn new(authority: Arc<Authority>) -> Self {
         Self {
+            bundles: BundleRelay::new(authority.clone()),
             authority,
-            bundles: rx,
             fan_out: FanOut::new(),
         }
     }
@@ -81,19 +112,25 @@ impl LocalIssuer {
 #[async_trait::async_trait]
 impl SvidIssuer for LocalIssuer {
     async fn sign_x509(&self, req: X509Request) -> Result<Vec<Vec<u8>>, IssueError> {
-        self.authority
+        let chain = self
+            .authority
             .sign_x509_svid(&req.spiffe_id, &req.spki_der, req.ttl, &req.extensions)
-            .map_err(|e| IssueError(e.to_string()))
+            .map_err(|e| IssueError(e.to_string()));
+        self.bundles.sync();
+        chain
     }
 
     async fn sign_jwt(&self, req: JwtRequest) -> Result<String, IssueError> {
-        self.authority
+        let token = self
+            .authority
             .sign_jwt_svid(&req.spiffe_id, &req.audience, req.ttl, req.claims)
-            .map_err(|e| IssueError(e.to_string()))
+            .map_err(|e| IssueError(e.to_string()));
+        self.bundles.sync();
+        token
     }
 
     fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>> {
-        self.bundles.clone()
+        self.bundles.tx.subscribe()
     }
 
     async fn task_token(&self, req: TaskTokenRequest) -> Result<Issued, TaskTokenError> {
@@ -122,6 +159,7 @@ impl SvidIssuer for LocalIssuer {
                 })
             }
         };
+        self.bundles.sync();
         Ok(issued?)
     }
 }
@@ -133,6 +171,8 @@ pub struct Up {
     pub admin_addr: SocketAddr,
     node: NodeDaemon,
     ready: Readiness,
+    /// The authority's key rotation, stopped at shutdown.
+    rotation: tokio::task::JoinHandle<()>,
     /// Held so open streams never see the policy channel close.
     _policy_tx: watch::Sender<Arc<PolicySet>>,
 }
@@ -161,15 +201,17 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
                 config.state_dir.display()
             )
         })?;
+    config.authority.validate()?;
     let authority = Arc::new(Authority::open(
         &config.state_dir.join("authority"),
         td.clone(),
-        AuthorityConfig::default(),
+        config.authority.clone(),
     )?);
     let audit = AuditLog::open(
         &config.state_dir.join("audit.log"),
         format!("agentid://{td}/up"),
     )?;
+    let rotation = spawn_rotation(authority.clone(), audit.clone());
     let mut registry = Registry::default();
     let metrics = NodeMetrics::register(&mut registry);
     let issuer: Arc<dyn SvidIssuer> = Arc::new(LocalIssuer::new(authority));
@@ -204,6 +246,7 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
         admin_addr,
         node,
         ready,
+        rotation,
         config,
         _policy_tx: policy_tx,
     })
@@ -218,6 +261,7 @@ impl Up {
         self.ready.set(true);
         let result = self.node.serve(shutdown).await;
         self.ready.set(false);
+        self.rotation.abort();
         result
     }
 
@@ -258,5 +302,48 @@ impl Up {
             self.config.socket.display()
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::KeyKind;
+
+    // On a single-threaded runtime the relay task cannot run between the rotation and the
+    // signing call: only the signing call's own sync can put the new CA in the bundle.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_credential_from_a_new_key_is_returned_after_the_bundle_that_carries_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let authority =
+            Arc::new(Authority::open(dir.path(), td.clone(), AuthorityConfig::default()).unwrap());
+        let issuer = LocalIssuer::new(authority.clone());
+        let bundles = issuer.bundles();
+        authority.rotate_now(KeyKind::X509Ca).unwrap();
+        authority.rotate_now(KeyKind::Jwt).unwrap();
+        let key = crate::crypto::PrivateKey::generate().unwrap();
+        let req = X509Request {
+            spiffe_id: td.id("/w").unwrap(),
+            spki_der: key.spki_der(),
+            ttl: std::time::Duration::from_secs(60),
+            extensions: vec![],
+            workload: Default::default(),
+        };
+        issuer.sign_x509(req).await.unwrap();
+        assert_eq!(bundles.borrow().own.x509_authorities.len(), 2);
+        assert_eq!(*bundles.borrow().own, *authority.bundle());
+        let token = issuer
+            .sign_jwt(JwtRequest {
+                spiffe_id: td.id("/w").unwrap(),
+                audience: vec!["a".into()],
+                ttl: std::time::Duration::from_secs(60),
+                claims: Default::default(),
+                workload: Default::default(),
+            })
+            .await
+            .unwrap();
+        let kid = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
+        assert!(bundles.borrow().own.jwt_key(&kid).is_some());
     }
 }

@@ -27,6 +27,8 @@ pub fn server_config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
     c.admin_addr = args.admin_addr;
     c.admin_allow_remote = args.admin_allow_remote;
     c.node_svid_ttl = args.node_svid_ttl;
+    c.authority = args.rotation.config();
+    c.authority.validate()?;
     Ok(c)
 }
 

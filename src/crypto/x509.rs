@@ -83,8 +83,17 @@ pub struct CaSigner {
 impl CaSigner {
     /// Creates a new self-signed CA for `td`, valid for `ttl`.
     pub fn generate(td: &TrustDomain, ttl: Duration) -> Result<Self, X509Error> {
+        Self::generate_at(td, SystemTime::now(), ttl)
+    }
+
+    /// Creates a new self-signed CA for `td`, issued at `now` and valid for `ttl` from then
+    /// (the authority's rotation passes its own clock, so tests can move it).
+    pub fn generate_at(
+        td: &TrustDomain,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<Self, X509Error> {
         let key = PrivateKey::generate().map_err(|e| X509Error::Parse(e.to_string()))?;
-        let now = SystemTime::now();
         let mut params = CertificateParams::default();
         params
             .distinguished_name

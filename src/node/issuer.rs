@@ -119,7 +119,9 @@ pub trait SvidIssuer: Send + Sync + 'static {
     async fn sign_x509(&self, req: X509Request) -> Result<Vec<Vec<u8>>, IssueError>;
     /// Signs a JWT-SVID.
     async fn sign_jwt(&self, req: JwtRequest) -> Result<String, IssueError>;
-    /// The trust bundles, updated on every change.
+    /// The trust bundles, updated on every change. A credential signed by a key that is new
+    /// to the bundle is returned only once this channel carries that key: streams read the
+    /// bundle after the SVIDs, so none is sent with a bundle that cannot verify it.
     fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>>;
     /// Checks a task-token request against its rules and signs the token. An issuer that
     /// signs no task tokens keeps this default, and every request is `Unavailable`.

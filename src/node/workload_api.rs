@@ -398,8 +398,6 @@ impl WorkloadApi {
         &self,
         caller: &Entitled,
     ) -> Result<(pb::X509svidResponse, Vec<SvidKey>), Status> {
-        let bundles = self.bundles.borrow().clone();
-        let own = bundles.own.x509_der();
         let mut svids = Vec::with_capacity(caller.issuable.len());
         let mut last_error = None;
         for i in &caller.issuable {
@@ -420,7 +418,7 @@ impl WorkloadApi {
                         spiffe_id: svid.spiffe_id.to_string(),
                         x509_svid: svid.chain.concat(),
                         x509_svid_key: svid.key_pkcs8.clone(),
-                        bundle: own.clone(),
+                        bundle: Vec::new(),
                         hint: e.hint.clone(),
                     },
                 )),
@@ -436,6 +434,14 @@ impl WorkloadApi {
             return Err(Status::unavailable(format!(
                 "X509-SVID issuance failed: {reason}"
             )));
+        }
+        // Read after the SVIDs: the issuer publishes a new CA before it hands back anything it
+        // signed, so this bundle holds the CA of every SVID above (after an emergency rotation
+        // too, when the CA is published the moment it starts signing).
+        let bundles = self.bundles.borrow().clone();
+        let own = bundles.own.x509_der();
+        for (_, s) in &mut svids {
+            s.bundle = own.clone();
         }
         let federated_bundles = bundles
             .federated
@@ -1042,5 +1048,93 @@ mod tests {
             .unwrap();
         let ids: Vec<&str> = next.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
         assert_eq!(ids, ["spiffe://example.org/a", "spiffe://example.org/b"]);
+    }
+
+    /// Rotates the CA in an emergency (no published next CA) inside the signing call: the new
+    /// CA enters the bundle as it starts signing, after the stream began building its message.
+    struct RotatesWhileSigning {
+        authority: Authority,
+        bundles: watch::Sender<Arc<TrustBundles>>,
+    }
+
+    #[async_trait::async_trait]
+    impl SvidIssuer for RotatesWhileSigning {
+        async fn sign_x509(&self, req: X509Request) -> Result<Vec<Vec<u8>>, IssueError> {
+            self.authority
+                .rotate_now(crate::server::KeyKind::X509Ca)
+                .unwrap();
+            let chain = self
+                .authority
+                .sign_x509_svid(&req.spiffe_id, &req.spki_der, req.ttl, &req.extensions)
+                .map_err(|e| IssueError(e.to_string()));
+            // The issuer's contract: the bundle with the new CA is out before the SVID returns.
+            let own = self.authority.bundle();
+            self.bundles.send_modify(|b| {
+                *b = Arc::new(TrustBundles {
+                    own,
+                    ..(**b).clone()
+                })
+            });
+            chain
+        }
+        async fn sign_jwt(&self, _: JwtRequest) -> Result<String, IssueError> {
+            Err(IssueError("unused".into()))
+        }
+        fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>> {
+            self.bundles.subscribe()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_carries_the_ca_of_its_svids_even_one_activated_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let authority =
+            Authority::open(dir.path(), td.clone(), AuthorityConfig::default()).unwrap();
+        let bundles = watch::Sender::new(Arc::new(TrustBundles {
+            trust_domain: td.clone(),
+            own: authority.bundle(),
+            federated: Default::default(),
+        }));
+        let issuer = Arc::new(RotatesWhileSigning { authority, bundles });
+        let metrics = NodeMetrics::unregistered();
+        let audit = AuditLog::memory("test");
+        let cache = SvidCache::new(issuer.clone(), audit.clone(), metrics.clone());
+        let (_policy_tx, policy_rx) = watch::channel(policies(&td, &["a"]));
+        let api = WorkloadApi::new(
+            td.clone(),
+            Arc::new(Uid1000),
+            policy_rx,
+            issuer.bundles(),
+            cache,
+            audit,
+            metrics,
+        );
+        let mut req = Request::new(pb::X509svidRequest {});
+        req.extensions_mut().insert(PeerInfo::current_process());
+        let mut stream = api.fetch_x509svid(req).await.unwrap().into_inner();
+        let first = stream.next().await.unwrap().unwrap();
+        let cas = crate::crypto::x509::split_der_chain(&first.svids[0].bundle).unwrap();
+        let now = issuer.authority.bundle();
+        assert_eq!(cas, now.x509_authorities, "old and new CA");
+        assert_eq!(cas.len(), 2);
+        // The SVID is the new CA's (the last in bundle order: previous, then current).
+        use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
+        let key_id = |der: &[u8], authority: bool| {
+            let (_, c) = X509Certificate::from_der(der).unwrap();
+            c.extensions()
+                .iter()
+                .find_map(|e| match e.parsed_extension() {
+                    ParsedExtension::AuthorityKeyIdentifier(a) if authority => {
+                        a.key_identifier.as_ref().map(|k| k.0.to_vec())
+                    }
+                    ParsedExtension::SubjectKeyIdentifier(k) if !authority => Some(k.0.to_vec()),
+                    _ => None,
+                })
+        };
+        assert_eq!(
+            key_id(&first.svids[0].x509_svid, true),
+            key_id(&cas[1], false)
+        );
     }
 }

@@ -197,7 +197,7 @@ fn validate(
 }
 
 /// Longest task-token lifetime a policy may allow.
-pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(3600);
+pub const MAX_TOKEN_TTL: Duration = crate::token::MAX_TTL;
 
 fn validate_tokens(t: TokensSpec) -> Result<TokensSpec, (&'static str, String)> {
     for (field, list) in [

@@ -1,31 +1,39 @@
-//! The authority of one trust domain: an X.509 CA and a JWT signing key, persisted in a
-//! state directory so a restart keeps the bundle (and every SVID issued before) valid.
+//! The authority of one trust domain: an X.509 CA and a JWT signing key, each rotated on a
+//! schedule (the lifecycle is in `state`), persisted so a restart keeps the bundle (and every
+//! credential issued before) valid and resumes a rotation where it stopped.
 //!
-//! The state has room for two keys of each kind, `current` and `next`: rotation (prepare
-//! `next`, publish it in the bundle, then promote it) builds on this layout.
+//! Every change is stored before it is used, and published before anything is signed with
+//! a new key: the signing lock is held while the new bundle is sent.
 
 use std::path::Path;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
+use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
-use super::store::{FileStore, StoreError};
+use super::legacy;
+use super::rotation::{KeyChange, KeyEvent};
+use super::state::{KeyKind, KeyRing, KeySlot, KeyState, Lifecycle, STATE_VERSION};
+use super::store::{FileStore, Revision, StateStore, StoreError};
 use crate::crypto::jwt::{JwtError, JwtSigner, JwtSvidClaims};
 use crate::crypto::x509::{CaSigner, Extension, X509Error};
-use crate::crypto::{KeyError, PrivateKey};
+use crate::crypto::{KeyError, PrivateKey, sha256_hex};
+use crate::policy::{JWT_TTL_RANGE, X509_TTL_RANGE};
 use crate::spiffe::{JwtKey, SpiffeBundle, SpiffeId, TrustDomain};
 
-/// Why the authority could not start or sign.
+/// Why the authority could not start, sign or rotate.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthorityError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{file}: {source}")]
-    Key { file: String, source: KeyError },
-    #[error("{file}: {source}")]
-    Cert { file: String, source: X509Error },
+    #[error(transparent)]
+    Config(#[from] AuthorityConfigError),
+    #[error("{slot}: {source}")]
+    Key { slot: String, source: KeyError },
+    #[error("{slot}: {source}")]
+    Cert { slot: String, source: X509Error },
     #[error(
         "state directory belongs to trust domain {found}, not {wanted}; use another --state-dir"
     )]
@@ -38,53 +46,230 @@ pub enum AuthorityError {
     ForeignId(SpiffeId, TrustDomain),
 }
 
-/// Tunables of the authority.
-#[derive(Debug, Clone)]
+/// A rotation setting that would let a key sign before peers can know it.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityConfigError {
+    #[error("bundle refresh hint (--bundle-refresh-hint) must be at least 1s")]
+    RefreshHint,
+    #[error(
+        "rotation prepare-ahead (--rotation-prepare-ahead) {prepare} is less than 3 bundle refresh intervals ({min}): peers could miss a new key before it signs"
+    )]
+    PrepareAhead { prepare: String, min: String },
+    #[error(
+        "{name} {ttl} is less than 3 × prepare-ahead ({min}): a key must be published for prepare-ahead, then sign at least as long"
+    )]
+    Lifetime {
+        name: &'static str,
+        ttl: String,
+        min: String,
+    },
+}
+
+/// Lifetimes and rotation timing of the authority's keys.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AuthorityConfig {
-    /// Lifetime of a newly created CA certificate.
+    /// Lifetime of each CA certificate; a CA signs for about the first half of it.
+    #[serde(with = "humantime_serde")]
     pub ca_ttl: Duration,
+    /// Lifetime of each JWT signing key; it signs for about the first half of it.
+    #[serde(with = "humantime_serde")]
+    pub jwt_key_ttl: Duration,
+    /// How long a new key is in the bundle before it signs.
+    #[serde(with = "humantime_serde")]
+    pub prepare_ahead: Duration,
     /// Suggested bundle refresh interval for federation peers.
+    #[serde(with = "humantime_serde")]
     pub refresh_hint: Duration,
 }
 
 impl Default for AuthorityConfig {
     fn default() -> Self {
         Self {
-            ca_ttl: Duration::from_secs(365 * 24 * 3600),
+            ca_ttl: Duration::from_secs(7 * 24 * 3600),
+            jwt_key_ttl: Duration::from_secs(24 * 3600),
+            // 12 refresh intervals: SPIFFE federation asks for at least 3 to 5.
+            prepare_ahead: Duration::from_secs(3600),
             refresh_hint: Duration::from_secs(300),
         }
     }
 }
 
-struct Keys {
-    ca_current: CaSigner,
-    ca_next: Option<CaSigner>,
-    jwt_current: JwtSigner,
-    jwt_next: Option<JwtSigner>,
+/// Longest lifetime of anything a JWT key signs: JWT-SVIDs and task tokens.
+pub const MAX_JWT_LIFETIME: Duration = JWT_TTL_RANGE.1;
+const _: () = assert!(crate::token::MAX_TTL.as_secs() <= MAX_JWT_LIFETIME.as_secs());
+
+impl AuthorityConfig {
+    /// Checks that a new key is published for 3 refresh intervals before it signs, and that
+    /// each lifetime leaves room for that notice and a signing period at least as long.
+    pub fn validate(&self) -> Result<(), AuthorityConfigError> {
+        let fmt = |d: Duration| humantime::format_duration(d).to_string();
+        if self.refresh_hint < Duration::from_secs(1) {
+            return Err(AuthorityConfigError::RefreshHint);
+        }
+        let min = self.refresh_hint * 3;
+        if self.prepare_ahead < min {
+            return Err(AuthorityConfigError::PrepareAhead {
+                prepare: fmt(self.prepare_ahead),
+                min: fmt(min),
+            });
+        }
+        // A scheduled key signs for (ttl - prepare) / 2: at least prepare when ttl >= 3 x prepare,
+        // so the next key can be prepared after the current one started signing.
+        let min = self.prepare_ahead * 3;
+        for (name, ttl) in [
+            ("CA lifetime (--ca-ttl)", self.ca_ttl),
+            ("JWT key lifetime (--jwt-key-ttl)", self.jwt_key_ttl),
+        ] {
+            if ttl < min {
+                return Err(AuthorityConfigError::Lifetime {
+                    name,
+                    ttl: fmt(ttl),
+                    min: fmt(min),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The lifecycle rules of `kind`.
+    pub fn lifecycle(&self, kind: KeyKind) -> Lifecycle {
+        match kind {
+            KeyKind::X509Ca => Lifecycle {
+                ttl: self.ca_ttl,
+                prepare_ahead: self.prepare_ahead,
+                max_credential_ttl: X509_TTL_RANGE.1,
+                credentials_capped: true,
+            },
+            KeyKind::Jwt => Lifecycle {
+                ttl: self.jwt_key_ttl,
+                prepare_ahead: self.prepare_ahead,
+                max_credential_ttl: MAX_JWT_LIFETIME,
+                credentials_capped: false,
+            },
+        }
+    }
 }
+
+/// Signers parsed from one [`KeyRing`], in the same places.
+struct Ring<T> {
+    current: T,
+    next: Option<T>,
+    previous: Vec<T>,
+}
+
+impl<T> Ring<T> {
+    fn parse(
+        ring: &KeyRing,
+        name: &str,
+        parse: impl Fn(&KeySlot, &str) -> Result<T, AuthorityError>,
+    ) -> Result<Self, AuthorityError> {
+        Ok(Self {
+            current: parse(&ring.current, &format!("{name}.current"))?,
+            next: ring
+                .next
+                .as_ref()
+                .map(|s| parse(s, &format!("{name}.next")))
+                .transpose()?,
+            previous: ring
+                .previous
+                .iter()
+                .enumerate()
+                .map(|(i, s)| parse(s, &format!("{name}.previous[{i}]")))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// In bundle order, as [`KeyRing::published`].
+    fn published(&self) -> impl Iterator<Item = &T> {
+        self.previous
+            .iter()
+            .chain(std::iter::once(&self.current))
+            .chain(self.next.as_ref())
+    }
+}
+
+/// The state in force and the signers made from it.
+struct Live {
+    state: KeyState,
+    revision: Revision,
+    ca: Ring<CaSigner>,
+    jwt: Ring<JwtSigner>,
+}
+
+impl Live {
+    fn new(state: KeyState, revision: Revision) -> Result<Self, AuthorityError> {
+        Ok(Self {
+            ca: Ring::parse(&state.x509, "x509", parse_ca)?,
+            jwt: Ring::parse(&state.jwt, "jwt", |s, slot| {
+                parse_key(&s.key, slot).map(JwtSigner::new)
+            })?,
+            state,
+            revision,
+        })
+    }
+
+    fn bundle(&self, config: &AuthorityConfig) -> SpiffeBundle {
+        SpiffeBundle {
+            x509_authorities: self.ca.published().map(|c| c.cert_der().to_vec()).collect(),
+            jwt_authorities: self
+                .jwt
+                .published()
+                .map(|j| JwtKey {
+                    kid: j.kid().into(),
+                    public_sec1: j.key().public_sec1(),
+                })
+                .collect(),
+            sequence: self.state.sequence,
+            refresh_hint_secs: config.refresh_hint.as_secs(),
+        }
+    }
+}
+
+/// A change made to the state, reported once it is stored.
+struct Pending {
+    kind: KeyKind,
+    change: KeyChange,
+    slot: KeySlot,
+    notice: Option<Duration>,
+    emergency: bool,
+}
+
+type Changes<'a> = dyn FnMut(&mut KeyState, &mut Vec<Pending>) -> Result<(), AuthorityError> + 'a;
 
 /// The trust-domain authority.
 pub struct Authority {
     td: TrustDomain,
-    keys: RwLock<Keys>,
+    store: Box<dyn StateStore>,
+    live: RwLock<Live>,
+    /// Serializes state changes: each is a read-modify-write of the stored document.
+    changing: Mutex<()>,
     bundle: watch::Sender<Arc<SpiffeBundle>>,
     config: AuthorityConfig,
 }
 
 const TD_FILE: &str = "trust-domain";
-const CA_CERT: [&str; 2] = ["x509-ca.current.crt", "x509-ca.next.crt"];
-const CA_KEY: [&str; 2] = ["x509-ca.current.key", "x509-ca.next.key"];
-const JWT_KEY: [&str; 2] = ["jwt.current.key", "jwt.next.key"];
 
 impl Authority {
-    /// Loads the authority from `dir`, creating keys on first start.
+    /// Loads the authority from `dir`, creating keys on first start and taking over the
+    /// layout of earlier versions (one file per key).
     pub fn open(
         dir: &Path,
         td: TrustDomain,
         config: AuthorityConfig,
     ) -> Result<Self, AuthorityError> {
-        let store = FileStore::open(dir)?;
-        match store.read(TD_FILE)? {
+        Self::open_at(dir, td, config, SystemTime::now())
+    }
+
+    /// [`Authority::open`] at `now`.
+    pub fn open_at(
+        dir: &Path,
+        td: TrustDomain,
+        config: AuthorityConfig,
+        now: SystemTime,
+    ) -> Result<Self, AuthorityError> {
+        config.validate()?;
+        let files = FileStore::open(dir)?;
+        match files.read(TD_FILE)? {
             Some(found) if found.trim() != td.as_str() => {
                 return Err(AuthorityError::TrustDomainMismatch {
                     found: found.trim().into(),
@@ -92,42 +277,53 @@ impl Authority {
                 });
             }
             Some(_) => {}
-            None => store.write(TD_FILE, td.as_str().as_bytes())?,
+            None => files.write(TD_FILE, td.as_str().as_bytes())?,
         }
-        let ca_current = match load_ca(&store, 0)? {
-            Some(ca) => ca,
+        if files.load()?.is_none()
+            && let Some(state) = legacy::read(&files, &td, &config, now)?
+        {
+            files.save(&state, None)?;
+        }
+        // Only once the state document is stored: a crash before leaves them to migrate again.
+        legacy::remove(&files)?;
+        Self::open_with(Box::new(files), td, config, now)
+    }
+
+    /// Loads the authority from `store`, creating keys at `now` if it holds none.
+    pub fn open_with(
+        store: Box<dyn StateStore>,
+        td: TrustDomain,
+        config: AuthorityConfig,
+        now: SystemTime,
+    ) -> Result<Self, AuthorityError> {
+        config.validate()?;
+        let (state, revision) = match store.load()? {
+            Some(stored) => stored,
             None => {
-                let ca = CaSigner::generate(&td, config.ca_ttl).map_err(|source| {
-                    AuthorityError::Cert {
-                        file: CA_CERT[0].into(),
-                        source,
-                    }
-                })?;
-                save_ca(&store, 0, &ca)?;
-                ca
+                let state = KeyState {
+                    version: STATE_VERSION,
+                    trust_domain: td.as_str().into(),
+                    sequence: 1,
+                    x509: KeyRing::starting(generate(&td, &config, KeyKind::X509Ca, now)?, now),
+                    jwt: KeyRing::starting(generate(&td, &config, KeyKind::Jwt, now)?, now),
+                };
+                let revision = store.save(&state, None)?;
+                (state, revision)
             }
         };
-        let jwt_current = match load_jwt(&store, 0)? {
-            Some(k) => k,
-            None => {
-                let key = PrivateKey::generate().map_err(|source| AuthorityError::Key {
-                    file: JWT_KEY[0].into(),
-                    source,
-                })?;
-                store.write(JWT_KEY[0], key.pkcs8_pem().as_bytes())?;
-                JwtSigner::new(key)
-            }
-        };
-        let keys = Keys {
-            ca_next: load_ca(&store, 1)?,
-            jwt_next: load_jwt(&store, 1)?,
-            ca_current,
-            jwt_current,
-        };
-        let bundle = Arc::new(bundle_of(&keys, &config, 1));
+        if state.trust_domain != td.as_str() {
+            return Err(AuthorityError::TrustDomainMismatch {
+                found: state.trust_domain,
+                wanted: td,
+            });
+        }
+        let live = Live::new(state, revision)?;
+        let bundle = Arc::new(live.bundle(&config));
         Ok(Self {
             td,
-            keys: RwLock::new(keys),
+            store,
+            live: RwLock::new(live),
+            changing: Mutex::new(()),
             bundle: watch::Sender::new(bundle),
             config,
         })
@@ -143,22 +339,25 @@ impl Authority {
         self.bundle.borrow().clone()
     }
 
-    /// A receiver that sees every bundle change.
+    /// A receiver that sees every bundle change, always before anything is signed with a key
+    /// the change added.
     pub fn subscribe(&self) -> watch::Receiver<Arc<SpiffeBundle>> {
         self.bundle.subscribe()
     }
 
     /// The SPIFFE bundle document (JWK Set with `x509-svid` and `jwt-svid` keys).
     pub fn bundle_document(&self) -> Vec<u8> {
-        let keys = self.keys.read().expect("keys lock");
-        let x509: Vec<(Vec<u8>, Vec<u8>)> = std::iter::once(&keys.ca_current)
-            .chain(keys.ca_next.as_ref())
+        let live = self.live.read().expect("keys lock");
+        let x509: Vec<(Vec<u8>, Vec<u8>)> = live
+            .ca
+            .published()
             .map(|ca| (ca.cert_der().to_vec(), ca.key().public_sec1()))
             .collect();
         self.bundle().to_spiffe_json(&x509)
     }
 
-    /// Signs an X509-SVID for `id` over `spki_der`; returns the chain, leaf first.
+    /// Signs an X509-SVID for `id` over `spki_der`; returns the chain, leaf first. The TTL is
+    /// capped at the policy maximum and at the CA's notAfter: retirement relies on both.
     pub fn sign_x509_svid(
         &self,
         id: &SpiffeId,
@@ -167,16 +366,19 @@ impl Authority {
         extensions: &[Extension],
     ) -> Result<Vec<Vec<u8>>, AuthorityError> {
         self.check_td(id)?;
-        let keys = self.keys.read().expect("keys lock");
-        let leaf = keys
-            .ca_current
+        let ttl = ttl.min(X509_TTL_RANGE.1);
+        let live = self.live.read().expect("keys lock");
+        let leaf = live
+            .ca
+            .current
             .sign_leaf(id, spki_der, ttl, extensions)
             .map_err(AuthorityError::SignX509)?;
         // The CA signs leaves directly, so the chain is the leaf alone (SPIRE's default).
         Ok(vec![leaf])
     }
 
-    /// Signs a JWT-SVID for `id` and `audience`, valid for `ttl`, carrying `extra` claims.
+    /// Signs a JWT-SVID for `id` and `audience`, valid for `ttl` (at most
+    /// [`MAX_JWT_LIFETIME`], which retirement relies on), carrying `extra` claims.
     pub fn sign_jwt_svid(
         &self,
         id: &SpiffeId,
@@ -185,6 +387,7 @@ impl Authority {
         extra: Map<String, Value>,
     ) -> Result<String, AuthorityError> {
         self.check_td(id)?;
+        let ttl = ttl.min(MAX_JWT_LIFETIME);
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let claims = JwtSvidClaims {
             sub: id.to_string(),
@@ -195,17 +398,19 @@ impl Authority {
             jti: uuid::Uuid::new_v4().to_string(),
             extra,
         };
-        let keys = self.keys.read().expect("keys lock");
-        keys.jwt_current
+        let live = self.live.read().expect("keys lock");
+        live.jwt
+            .current
             .sign("JWT", &claims)
             .map_err(AuthorityError::SignJwt)
     }
 
     /// Runs `f` with the JWT key that signs now, for credentials whose claims another module
-    /// builds and checks (task tokens: `token::mint`, `token::delegate`). The key stays here.
+    /// builds and checks (task tokens: `token::mint`, `token::delegate`, which cap lifetimes
+    /// at `token::MAX_TTL`). The key stays here.
     pub fn with_jwt_signer<R>(&self, f: impl FnOnce(&JwtSigner) -> R) -> R {
-        let keys = self.keys.read().expect("keys lock");
-        f(&keys.jwt_current)
+        let live = self.live.read().expect("keys lock");
+        f(&live.jwt.current)
     }
 
     fn check_td(&self, id: &SpiffeId) -> Result<(), AuthorityError> {
@@ -219,65 +424,275 @@ impl Authority {
     pub fn config(&self) -> &AuthorityConfig {
         &self.config
     }
-}
 
-fn bundle_of(keys: &Keys, config: &AuthorityConfig, sequence: u64) -> SpiffeBundle {
-    let cas = std::iter::once(&keys.ca_current).chain(keys.ca_next.as_ref());
-    let jwts = std::iter::once(&keys.jwt_current).chain(keys.jwt_next.as_ref());
-    SpiffeBundle {
-        x509_authorities: cas.map(|c| c.cert_der().to_vec()).collect(),
-        jwt_authorities: jwts
-            .map(|j| JwtKey {
-                kid: j.kid().into(),
-                public_sec1: j.key().public_sec1(),
-            })
-            .collect(),
-        sequence,
-        refresh_hint_secs: config.refresh_hint.as_secs(),
+    /// A copy of the key state in force.
+    #[cfg(test)]
+    pub(super) fn key_state(&self) -> KeyState {
+        self.live.read().expect("keys lock").state.clone()
+    }
+
+    /// The earliest time at which [`Authority::tick`] has something to do (may be past).
+    pub fn rotation_due(&self) -> SystemTime {
+        let live = self.live.read().expect("keys lock");
+        KeyKind::ALL
+            .iter()
+            .map(|k| live.state.ring(*k).next_due(&self.config.lifecycle(*k)))
+            .min()
+            .expect("two key kinds")
+    }
+
+    /// Does whatever the schedule says is due at `now`: retire previous keys, activate next
+    /// keys, prepare next keys. Returns what changed, for the audit trail.
+    pub fn tick(&self, now: SystemTime) -> Result<Vec<KeyEvent>, AuthorityError> {
+        self.change(&mut |state, out| {
+            for kind in KeyKind::ALL {
+                self.advance(state, kind, now, out)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Emergency rotation of `kind`: the published next key signs from now on. Without one, a
+    /// new key is made and is in the bundle only from the moment it signs, so peers reject
+    /// what it signs until they refresh their bundle; the events say so (`notice` is zero).
+    /// The old key stays trusted as previous, as in a scheduled rotation.
+    pub fn rotate_now(&self, kind: KeyKind) -> Result<Vec<KeyEvent>, AuthorityError> {
+        self.rotate_now_at(kind, SystemTime::now())
+    }
+
+    /// [`Authority::rotate_now`] at `now`.
+    pub fn rotate_now_at(
+        &self,
+        kind: KeyKind,
+        now: SystemTime,
+    ) -> Result<Vec<KeyEvent>, AuthorityError> {
+        self.change(&mut |state, out| {
+            let ring = state.ring_mut(kind);
+            if ring.next.is_none() {
+                let slot = generate(&self.td, &self.config, kind, now)?;
+                out.push(Pending {
+                    kind,
+                    change: KeyChange::Prepared,
+                    slot: slot.clone(),
+                    notice: None,
+                    emergency: true,
+                });
+                ring.next = Some(slot);
+            }
+            let notice = notice_of(ring, now);
+            ring.activate(now);
+            out.push(Pending {
+                kind,
+                change: KeyChange::Activated,
+                slot: ring.current.clone(),
+                notice: Some(notice),
+                emergency: true,
+            });
+            Ok(())
+        })
+    }
+
+    /// The scheduled steps of one kind that are due at `now`.
+    fn advance(
+        &self,
+        state: &mut KeyState,
+        kind: KeyKind,
+        now: SystemTime,
+        out: &mut Vec<Pending>,
+    ) -> Result<(), AuthorityError> {
+        let rules = self.config.lifecycle(kind);
+        let ring = state.ring_mut(kind);
+        // Activation can make a preparation due at once (after downtime); a few rounds settle.
+        for _ in 0..4 {
+            if ring.activate_at(&rules).is_some_and(|t| t <= now) {
+                let notice = notice_of(ring, now);
+                ring.activate(now);
+                out.push(Pending {
+                    kind,
+                    change: KeyChange::Activated,
+                    slot: ring.current.clone(),
+                    notice: Some(notice),
+                    emergency: false,
+                });
+            } else if ring.prepare_at(&rules).is_some_and(|t| t <= now) {
+                let slot = generate(&self.td, &self.config, kind, now)?;
+                ring.next = Some(slot.clone());
+                out.push(Pending {
+                    kind,
+                    change: KeyChange::Prepared,
+                    slot,
+                    notice: None,
+                    emergency: false,
+                });
+            } else {
+                break;
+            }
+        }
+        // Last, so a CA that expired while the authority was down goes in the same step.
+        for slot in ring.retire_due(&rules, now) {
+            out.push(Pending {
+                kind,
+                change: KeyChange::Retired,
+                slot,
+                notice: None,
+                emergency: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// Applies `changes` to a copy of the state, stores it (compare-and-swap), then makes it
+    /// live and publishes its bundle while holding the signing lock. If another writer changed
+    /// the stored state since it was read, starts again from theirs once.
+    fn change(&self, changes: &mut Changes<'_>) -> Result<Vec<KeyEvent>, AuthorityError> {
+        let _changing = self.changing.lock().expect("changing lock");
+        let mut reloaded = false;
+        loop {
+            let (mut state, revision) = {
+                let live = self.live.read().expect("keys lock");
+                (live.state.clone(), live.revision.clone())
+            };
+            let before: Vec<String> = state
+                .published_keys()
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            let mut pending = Vec::new();
+            changes(&mut state, &mut pending)?;
+            if pending.is_empty() {
+                return Ok(Vec::new());
+            }
+            if state.published_keys() != before {
+                state.sequence += 1;
+            }
+            match self.store.save(&state, Some(&revision)) {
+                Ok(revision) => {
+                    let sequence = state.sequence;
+                    self.install(Live::new(state, revision)?);
+                    return Ok(pending.into_iter().map(|p| event(p, sequence)).collect());
+                }
+                Err(StoreError::Conflict(what)) if !reloaded => {
+                    reloaded = true;
+                    let Some((state, revision)) = self.store.load()? else {
+                        return Err(StoreError::Conflict(what).into());
+                    };
+                    self.install(Live::new(state, revision)?);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Makes `live` the state in force. The bundle is sent while the signing lock is held, so
+    /// nothing is signed with a key before the bundle that carries it is out.
+    fn install(&self, live: Live) {
+        let bundle = Arc::new(live.bundle(&self.config));
+        let mut guard = self.live.write().expect("keys lock");
+        *guard = live;
+        self.bundle.send_if_modified(|b| {
+            let changed = **b != *bundle;
+            if changed {
+                *b = bundle;
+            }
+            changed
+        });
     }
 }
 
-fn load_ca(store: &FileStore, slot: usize) -> Result<Option<CaSigner>, AuthorityError> {
-    let (Some(cert), Some(key)) = (store.read(CA_CERT[slot])?, store.read(CA_KEY[slot])?) else {
-        return Ok(None);
+/// How long the next key of `ring` has been published at `now`.
+fn notice_of(ring: &KeyRing, now: SystemTime) -> Duration {
+    ring.next
+        .as_ref()
+        .and_then(|n| now.duration_since(n.published_at).ok())
+        .unwrap_or_default()
+}
+
+fn event(p: Pending, sequence: u64) -> KeyEvent {
+    let (fingerprint, kid) = match p.kind {
+        KeyKind::X509Ca => {
+            let der = p
+                .slot
+                .cert
+                .as_deref()
+                .and_then(|c| pem::parse(c).ok())
+                .map(|c| c.into_contents())
+                .unwrap_or_default();
+            (sha256_hex(&der), None)
+        }
+        KeyKind::Jwt => match PrivateKey::from_pkcs8_pem(&p.slot.key) {
+            Ok(k) => (sha256_hex(&k.spki_der()), Some(k.kid())),
+            Err(_) => (sha256_hex(p.slot.key.as_bytes()), None),
+        },
     };
-    let key = PrivateKey::from_pkcs8_pem(&key).map_err(|source| AuthorityError::Key {
-        file: CA_KEY[slot].into(),
+    KeyEvent {
+        kind: p.kind,
+        change: p.change,
+        fingerprint,
+        kid,
+        not_after: p.slot.not_after,
+        notice: p.notice,
+        emergency: p.emergency,
+        sequence,
+    }
+}
+
+/// A new key of `kind`, published at `now`.
+pub(super) fn generate(
+    td: &TrustDomain,
+    config: &AuthorityConfig,
+    kind: KeyKind,
+    now: SystemTime,
+) -> Result<KeySlot, AuthorityError> {
+    let (key, cert, not_after) = match kind {
+        KeyKind::X509Ca => {
+            let ca = CaSigner::generate_at(td, now, config.ca_ttl).map_err(|source| {
+                AuthorityError::Cert {
+                    slot: "new CA".into(),
+                    source,
+                }
+            })?;
+            let cert = crate::crypto::x509::to_pem(&[ca.cert_der().to_vec()]);
+            (ca.key().pkcs8_pem(), Some(cert), ca.not_after())
+        }
+        KeyKind::Jwt => {
+            let key = PrivateKey::generate().map_err(|source| AuthorityError::Key {
+                slot: "new JWT key".into(),
+                source,
+            })?;
+            (key.pkcs8_pem(), None, now + config.jwt_key_ttl)
+        }
+    };
+    Ok(KeySlot {
+        key,
+        cert,
+        published_at: now,
+        not_after,
+        activated_at: None,
+        deactivated_at: None,
+    })
+}
+
+pub(super) fn parse_key(pem: &str, slot: &str) -> Result<PrivateKey, AuthorityError> {
+    PrivateKey::from_pkcs8_pem(pem).map_err(|source| AuthorityError::Key {
+        slot: slot.into(),
         source,
-    })?;
-    let der = pem::parse(&cert)
-        .map_err(|e| AuthorityError::Cert {
-            file: CA_CERT[slot].into(),
-            source: X509Error::Parse(e.to_string()),
-        })?
+    })
+}
+
+pub(super) fn parse_ca(s: &KeySlot, slot: &str) -> Result<CaSigner, AuthorityError> {
+    let cert_err = |source| AuthorityError::Cert {
+        slot: slot.into(),
+        source,
+    };
+    let key = parse_key(&s.key, slot)?;
+    let cert = s
+        .cert
+        .as_deref()
+        .ok_or_else(|| cert_err(X509Error::Parse("no certificate".into())))?;
+    let der = pem::parse(cert)
+        .map_err(|e| cert_err(X509Error::Parse(e.to_string())))?
         .into_contents();
-    CaSigner::from_parts(key, der)
-        .map(Some)
-        .map_err(|source| AuthorityError::Cert {
-            file: CA_CERT[slot].into(),
-            source,
-        })
-}
-
-fn save_ca(store: &FileStore, slot: usize, ca: &CaSigner) -> Result<(), AuthorityError> {
-    // Key first: a certificate on disk without its key would be unusable after a crash.
-    store.write(CA_KEY[slot], ca.key().pkcs8_pem().as_bytes())?;
-    store.write(
-        CA_CERT[slot],
-        crate::crypto::x509::to_pem(&[ca.cert_der().to_vec()]).as_bytes(),
-    )?;
-    Ok(())
-}
-
-fn load_jwt(store: &FileStore, slot: usize) -> Result<Option<JwtSigner>, AuthorityError> {
-    let Some(text) = store.read(JWT_KEY[slot])? else {
-        return Ok(None);
-    };
-    let key = PrivateKey::from_pkcs8_pem(&text).map_err(|source| AuthorityError::Key {
-        file: JWT_KEY[slot].into(),
-        source,
-    })?;
-    Ok(Some(JwtSigner::new(key)))
+    CaSigner::from_parts(key, der).map_err(cert_err)
 }
 
 #[cfg(test)]
@@ -352,14 +767,29 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_key_file_is_named() {
+    fn corrupt_state_is_named() {
         let dir = tempfile::tempdir().unwrap();
         drop(Authority::open(dir.path(), td(), AuthorityConfig::default()).unwrap());
-        std::fs::write(dir.path().join("jwt.current.key"), "garbage").unwrap();
+        let path = dir.path().join("keys.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let state = KeyState::from_json(&text).unwrap();
+        // A key that does not parse names its slot ...
+        let quoted = serde_json::to_string(&state.jwt.current.key).unwrap();
+        let broken = text.replace(&quoted, "\"garbage\"");
+        std::fs::write(&path, broken).unwrap();
         let err = Authority::open(dir.path(), td(), AuthorityConfig::default())
             .err()
             .unwrap();
-        assert!(err.to_string().starts_with("jwt.current.key:"), "{err}");
+        assert!(err.to_string().starts_with("jwt.current:"), "{err}");
+        // ... and a document that does not parse names the file.
+        std::fs::write(&path, &text[..text.len() / 2]).unwrap();
+        let err = Authority::open(dir.path(), td(), AuthorityConfig::default())
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("keys.json: not a key state"),
+            "{err}"
+        );
     }
 
     #[test]

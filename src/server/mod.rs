@@ -1,10 +1,18 @@
-//! The trust-domain authority: keys and signing, node attestation, and the node API.
+//! The trust-domain authority: keys and their rotation, signing, node attestation, and the
+//! node API.
 mod authority;
 pub mod join;
+mod legacy;
 pub mod listen;
 pub mod node_api;
+mod rotation;
 pub mod run;
+mod state;
 mod store;
 
-pub use authority::{Authority, AuthorityConfig, AuthorityError};
-pub use store::{FileStore, StoreError};
+pub use authority::{
+    Authority, AuthorityConfig, AuthorityConfigError, AuthorityError, MAX_JWT_LIFETIME,
+};
+pub use rotation::{KeyChange, KeyEvent, record as record_key_event, spawn_rotation};
+pub use state::{KeyKind, KeyRing, KeySlot, KeyState, Lifecycle};
+pub use store::{FileStore, Revision, StateStore, StoreError};

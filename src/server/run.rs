@@ -20,6 +20,8 @@ use super::authority::{Authority, AuthorityConfig};
 use super::join::JoinTokens;
 use super::listen;
 use super::node_api::{DEFAULT_NODE_SVID_TTL, NodeApi, NodeKind};
+use super::rotation::{record as record_key_event, spawn_rotation};
+use super::state::KeyKind;
 use super::store::FileStore;
 use crate::admin::{self, Readiness};
 use crate::api::node as pb;
@@ -70,6 +72,8 @@ pub struct ServerConfig {
     pub admin_allow_remote: bool,
     #[serde(with = "humantime_serde")]
     pub node_svid_ttl: Duration,
+    /// Key lifetimes and rotation of the authority.
+    pub authority: AuthorityConfig,
 }
 
 impl ServerConfig {
@@ -84,6 +88,7 @@ impl ServerConfig {
             admin_addr: "127.0.0.1:9465".parse().expect("literal address"),
             admin_allow_remote: false,
             node_svid_ttl: DEFAULT_NODE_SVID_TTL,
+            authority: AuthorityConfig::default(),
         }
     }
 }
@@ -122,6 +127,8 @@ pub struct ServerDaemon {
     listener: TcpListener,
     admin_listener: UnixListener,
     ready: Readiness,
+    /// The authority's key rotation, stopped at shutdown.
+    rotation: tokio::task::JoinHandle<()>,
     _policy_tx: watch::Sender<Arc<PolicySet>>,
 }
 
@@ -143,15 +150,12 @@ impl ServerDaemon {
             .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
             .map_err(|e| anyhow::anyhow!("creating store directory {}: {e}", dir.display()))?;
         let authority = Arc::new(
-            Authority::open(
-                &dir.join("authority"),
-                td.clone(),
-                AuthorityConfig::default(),
-            )
-            .map_err(anyhow::Error::new)?,
+            Authority::open(&dir.join("authority"), td.clone(), config.authority.clone())
+                .map_err(anyhow::Error::new)?,
         );
         let audit = AuditLog::open(&dir.join("audit.log"), format!("agentid://{td}/server"))
             .map_err(anyhow::Error::new)?;
+        let rotation = spawn_rotation(authority.clone(), audit.clone());
         let joins = Arc::new(
             JoinTokens::open(Some(
                 FileStore::open(&dir.join("nodes")).map_err(anyhow::Error::new)?,
@@ -224,6 +228,7 @@ impl ServerDaemon {
             listener,
             admin_listener,
             ready,
+            rotation,
             config,
             _policy_tx: policy_tx,
         })
@@ -290,6 +295,7 @@ impl ServerDaemon {
             }
         };
         self.ready.set(false);
+        self.rotation.abort();
         let _ = std::fs::remove_file(&path);
         Ok(result?)
     }
@@ -417,13 +423,25 @@ impl pb::server_admin_server::ServerAdmin for AdminApi {
         }))
     }
 
+    /// Emergency rotation of the CA and the JWT key: each published next key signs at once,
+    /// or a new, unannounced one does (see `Authority::rotate_now`); every step is audited.
     async fn rotate_keys(
         &self,
         _: Request<pb::RotateKeysRequest>,
     ) -> Result<Response<pb::RotateKeysResponse>, Status> {
-        Err(Status::unimplemented(
-            "key rotation is not available on this server yet",
-        ))
+        let mut changes = Vec::new();
+        for kind in KeyKind::ALL {
+            let authority = self.authority.clone();
+            let events = tokio::task::spawn_blocking(move || authority.rotate_now(kind))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::unavailable(format!("rotating the {kind}: {e}")))?;
+            for e in &events {
+                record_key_event(&self.audit, self.authority.trust_domain(), e);
+                changes.push(e.reason());
+            }
+        }
+        Ok(Response::new(pb::RotateKeysResponse { changes }))
     }
 
     async fn get_bundle(
@@ -447,5 +465,47 @@ pub fn bundle_summary(doc: &[u8]) -> String {
             .collect::<Vec<_>>()
             .join(", "),
         Err(e) => format!("unreadable bundle: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::server_admin_server::ServerAdmin;
+
+    #[tokio::test]
+    async fn rotate_keys_rotates_both_kinds_and_audits_each_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let authority =
+            Arc::new(Authority::open(dir.path(), td, AuthorityConfig::default()).unwrap());
+        let before = authority.bundle();
+        let audit = AuditLog::memory("test");
+        let admin = AdminApi {
+            authority: authority.clone(),
+            joins: Arc::new(JoinTokens::open(None).unwrap()),
+            audit: audit.clone(),
+        };
+        let changes = admin
+            .rotate_keys(Request::new(pb::RotateKeysRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .changes;
+        // No next keys were published: each kind gets a new key, unannounced.
+        assert_eq!(changes.len(), 4, "{changes:?}");
+        assert!(changes[1].contains("activated CA") && changes[1].contains("unannounced"));
+        assert!(changes[3].contains("activated JWT key"));
+        let after = authority.bundle();
+        assert_eq!(after.x509_authorities.len(), 2, "the old CA stays trusted");
+        assert_eq!(after.x509_authorities[0], before.x509_authorities[0]);
+        assert_eq!(after.jwt_authorities.len(), 2);
+        let log = audit.lines().join("\n");
+        assert_eq!(
+            log.matches("dev.agentid.bundle_updated").count(),
+            4,
+            "{log}"
+        );
+        assert!(log.contains("emergency rotation"), "{log}");
     }
 }

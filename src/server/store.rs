@@ -1,11 +1,19 @@
-//! File storage for authority key material: a 0700 directory of PEM files, written atomically.
+//! Storage for the authority's key state.
+//!
+//! The state is one document ([`KeyState`]) replaced as a whole, with a compare-and-swap on
+//! its revision: a directory here (one file, written atomically), a Kubernetes Secret later
+//! (the revision is then the Secret's `resourceVersion`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
-/// Why the state directory could not be used.
+use super::state::KeyState;
+
+/// Why the state could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{path}: {source}")]
@@ -17,6 +25,10 @@ pub enum StoreError {
         "{path} is readable or writable by other users (mode {mode:o}); it must be 0700 and owned by us"
     )]
     Permissions { path: PathBuf, mode: u32 },
+    #[error("{path}: not a key state document: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{0}: changed by someone else since it was read")]
+    Conflict(PathBuf),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -26,11 +38,31 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
-/// A directory holding secret files.
+/// Which version of the stored document a change was based on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revision(pub String);
+
+/// Where the key state lives. Calls block (file I/O, or an API request for a Secret): the
+/// authority makes them from blocking contexts only.
+pub trait StateStore: Send + Sync + 'static {
+    /// The stored state and its revision, or None if nothing is stored yet.
+    fn load(&self) -> Result<Option<(KeyState, Revision)>, StoreError>;
+    /// Replaces the state in one atomic write if the stored revision is still `expected`
+    /// (`None`: nothing may be stored yet); returns the new revision, or `Conflict`.
+    fn save(&self, state: &KeyState, expected: Option<&Revision>) -> Result<Revision, StoreError>;
+}
+
+/// A 0700 directory of 0600 files, each written atomically.
 #[derive(Debug, Clone)]
 pub struct FileStore {
     dir: PathBuf,
 }
+
+/// The key state document in a [`FileStore`].
+pub const STATE_FILE: &str = "keys.json";
+/// Held (flock) while the state file is compared and replaced, so two processes on one
+/// directory cannot both win a compare-and-swap.
+const LOCK_FILE: &str = ".keys.lock";
 
 impl FileStore {
     /// Opens (creating with 0700) the directory; refuses one that others can read or write.
@@ -68,25 +100,101 @@ impl FileStore {
         }
     }
 
+    /// When `name` was last written, or None if it does not exist.
+    pub fn modified(&self, name: &str) -> Result<Option<SystemTime>, StoreError> {
+        let path = self.path(name);
+        match fs::metadata(&path).and_then(|m| m.modified()) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
     /// Writes `name` atomically with mode 0600: temp file, fsync, rename, fsync directory.
-    /// A crash leaves either the old file or the new one, never half of either.
+    /// A crash leaves either the old file or the new one, never half of either; a temp file a
+    /// crash left behind is replaced, never read.
     pub fn write(&self, name: &str, contents: &[u8]) -> Result<(), StoreError> {
         let path = self.path(name);
         let tmp = self.path(&format!(".{name}.tmp"));
+        // A fresh file, so the mode below applies even if a stale temp file had another one.
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&tmp)(e)),
+            _ => {}
+        }
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&tmp)
             .map_err(io(&tmp))?;
         f.write_all(contents).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
         fs::rename(&tmp, &path).map_err(io(&path))?;
+        self.sync_dir()
+    }
+
+    /// Removes `name` if it exists, durably.
+    pub fn remove(&self, name: &str) -> Result<(), StoreError> {
+        let path = self.path(name);
+        match fs::remove_file(&path) {
+            Ok(()) => self.sync_dir(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    fn sync_dir(&self) -> Result<(), StoreError> {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir))?;
-        Ok(())
+            .map_err(io(&self.dir))
+    }
+
+    /// An exclusive advisory lock on the directory's lock file, released when dropped.
+    fn lock(&self) -> Result<File, StoreError> {
+        let path = self.path(LOCK_FILE);
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(&path))?;
+        // SAFETY: flock on a descriptor we own; it is released when `f` is closed.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io(&path)(std::io::Error::last_os_error()));
+        }
+        Ok(f)
+    }
+
+    fn read_state(&self) -> Result<Option<(String, Revision)>, StoreError> {
+        Ok(self.read(STATE_FILE)?.map(|text| {
+            let rev = Revision(crate::crypto::sha256_hex(text.as_bytes()));
+            (text, rev)
+        }))
+    }
+}
+
+impl StateStore for FileStore {
+    fn load(&self) -> Result<Option<(KeyState, Revision)>, StoreError> {
+        let Some((text, rev)) = self.read_state()? else {
+            return Ok(None);
+        };
+        let state = KeyState::from_json(&text).map_err(|reason| StoreError::Corrupt {
+            path: self.path(STATE_FILE),
+            reason,
+        })?;
+        Ok(Some((state, rev)))
+    }
+
+    fn save(&self, state: &KeyState, expected: Option<&Revision>) -> Result<Revision, StoreError> {
+        let _lock = self.lock()?;
+        let stored = self.read_state()?.map(|(_, rev)| rev);
+        if stored.as_ref() != expected {
+            return Err(StoreError::Conflict(self.path(STATE_FILE)));
+        }
+        let text = state.to_json();
+        self.write(STATE_FILE, text.as_bytes())?;
+        Ok(Revision(crate::crypto::sha256_hex(text.as_bytes())))
     }
 }
 
@@ -113,5 +221,20 @@ mod tests {
         store.write("k", b"new").unwrap();
         assert_eq!(store.read("k").unwrap().as_deref(), Some("new"));
         assert!(!store.path(".k.tmp").exists());
+    }
+
+    #[test]
+    fn a_stale_temp_file_is_replaced_with_a_private_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).unwrap();
+        // What a crash mid-write (or someone else) left behind, world-readable.
+        fs::write(store.path(".k.tmp"), b"half a ke").unwrap();
+        fs::set_permissions(store.path(".k.tmp"), fs::Permissions::from_mode(0o644)).unwrap();
+        store.write("k", b"whole key").unwrap();
+        assert_eq!(store.read("k").unwrap().as_deref(), Some("whole key"));
+        assert_eq!(
+            fs::metadata(store.path("k")).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

@@ -321,16 +321,18 @@ fn check_text(what: &str, s: String) -> Result<String, Refusal> {
     Ok(s)
 }
 
-/// The lifetime in whole seconds: requested (at least one second) or `max_ttl`, whichever is shorter.
+/// The lifetime in whole seconds: requested (at least one second) or `max_ttl`, whichever is
+/// shorter, and never more than [`MAX_TTL`](super::MAX_TTL).
 fn clamp_ttl(ttl: Option<Duration>, rules: &TokenRules) -> Result<i64, Refusal> {
+    let max = rules.max_ttl.min(super::MAX_TTL);
     let ttl = match ttl {
         Some(t) if t < Duration::from_secs(1) => {
             return Err(Refusal::InvalidRequest(
                 "ttl must be at least one second".into(),
             ));
         }
-        Some(t) => t.min(rules.max_ttl),
-        None => rules.max_ttl,
+        Some(t) => t.min(max),
+        None => max,
     };
     Ok(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1))
 }

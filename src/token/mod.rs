@@ -13,7 +13,7 @@ pub mod verify;
 pub use claims::{Actor, ScopeError, Scopes, TYP, TaskClaims, TaskContext};
 pub use fan_out::FanOut;
 pub use issue::{Caller, DelegateRequest, Issued, MintRequest, Refusal, delegate, mint};
-pub use rules::{DEFAULT_MAX_TTL, MAX_DEPTH, RulesError, SpiffeIdPattern, TokenRules};
+pub use rules::{DEFAULT_MAX_TTL, MAX_DEPTH, MAX_TTL, RulesError, SpiffeIdPattern, TokenRules};
 pub use verify::{VerifyError, unverified_holder, verify};
 
 #[cfg(test)]

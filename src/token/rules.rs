@@ -12,6 +12,10 @@ use crate::spiffe::{IdError, SpiffeId};
 /// Default and usual upper bound of a task token's lifetime (spec: 5 minutes).
 pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(300);
 
+/// Longest lifetime any rule allows: the authority keeps a retired JWT key in the bundle for
+/// this long after it stopped signing, so no token outlives its key.
+pub const MAX_TTL: Duration = Duration::from_secs(3600);
+
 /// Deepest delegation chain a token may carry; bounds the actor chain verifiers walk.
 pub const MAX_DEPTH: u32 = 16;
 

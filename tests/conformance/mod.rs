@@ -165,19 +165,23 @@ pub fn start_fails(dir: &Path, extra: &[&str]) -> (Option<i32>, String) {
 
 /// The daemon's own JWT signing key (PKCS#8 DER), read from the state directory the test owns.
 pub fn daemon_jwt_key(d: &Daemon) -> Vec<u8> {
-    read_pem_key(&d.state.join("authority/jwt.current.key"))
+    read_current_key(d, "jwt")
 }
 
 /// The daemon's own X.509 CA key (PKCS#8 DER).
 pub fn daemon_ca_key(d: &Daemon) -> Vec<u8> {
-    read_pem_key(&d.state.join("authority/x509-ca.current.key"))
+    read_current_key(d, "x509")
 }
 
-fn read_pem_key(path: &Path) -> Vec<u8> {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let p = ::pem::parse(text).unwrap();
-    assert_eq!(p.tag(), "PRIVATE KEY", "{} is PKCS#8", path.display());
+/// The current key of `kind` (`x509`, `jwt`) in the authority's key state document.
+fn read_current_key(d: &Daemon, kind: &str) -> Vec<u8> {
+    let path = d.state.join("authority/keys.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let state: Value = serde_json::from_str(&text).unwrap();
+    let pem = state[kind]["current"]["key"].as_str().expect("current key");
+    let p = ::pem::parse(pem).unwrap();
+    assert_eq!(p.tag(), "PRIVATE KEY", "{kind} key is PKCS#8");
     p.into_contents()
 }
 
