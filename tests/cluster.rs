@@ -529,3 +529,33 @@ async fn server_restart_is_invisible_to_workloads() {
     let (_, metrics) = common::http_get(&a.admin, "/metrics");
     assert!(metrics.contains("agentid_node_server_up 1"), "{metrics}");
 }
+
+/// A broken policy file stops the server at start with exit 64 and the file, document and
+/// field; `--store kubernetes` is refused the same way until it exists.
+#[test]
+fn server_refuses_a_broken_configuration() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.yaml");
+    std::fs::write(&bad, "apiVersion: agentid.dev/v1alpha1\nkind: AgentIdentity\nmetadata: {name: x}\nspec: {spiffeID: nope, selector: {unix: {uid: 1}}}\n").unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .arg(format!(
+            "--store=file:{}",
+            tmp.path().join("store").display()
+        ))
+        .arg("--admin-socket")
+        .arg(tmp.path().join("admin.sock"))
+        .arg("--policy")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("bad.yaml: document 1: spec.spiffeID"), "{err}");
+}

@@ -110,8 +110,17 @@ pub enum ServerError {
     },
     #[error("{path} is in use by a running server; stop it or choose another --admin-socket")]
     AdminSocketInUse { path: PathBuf },
+    #[error("loading policies")]
+    Policy(#[source] crate::policy::PolicyError),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
+}
+
+impl ServerError {
+    /// A mistake in the configuration rather than in the environment (exit 64).
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::KubernetesStore | Self::Policy(_))
+    }
 }
 
 /// A built server, ready to serve.
@@ -144,7 +153,7 @@ impl ServerDaemon {
             tracing::warn!("no --policy given: no workload will be issued an identity");
             PolicySet::default()
         } else {
-            load_paths(&config.policy, &td).map_err(anyhow::Error::new)?
+            load_paths(&config.policy, &td).map_err(ServerError::Policy)?
         };
         std::fs::create_dir_all(&dir)
             .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
