@@ -559,3 +559,72 @@ fn server_refuses_a_broken_configuration() {
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("bad.yaml: document 1: spec.spiffeID"), "{err}");
 }
+
+/// `agentid server ca rotate --now` in a cluster: the new CA signs at once, and a node hands
+/// out an SVID it signed only in a message whose bundle already carries it (the node waits
+/// for the sync stream to bring that bundle).
+#[tokio::test]
+async fn emergency_rotation_reaches_workloads_with_its_bundle() {
+    use agentid::crypto::x509::{split_der_chain, to_pem};
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path(), &policy("/agent/me"));
+    let a = node(&server, "a");
+    let mut c = agentid::client::connect(&a.socket).await.unwrap();
+    let mut stream = c
+        .fetch_x509svid(agentid::api::workload::X509svidRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let old_cas = split_der_chain(&first.svids[0].bundle).unwrap();
+
+    let out = std::process::Command::new(common::bin())
+        .args(["server", "ca", "rotate", "--now", "--admin-socket"])
+        .arg(&server.admin_socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.stdout.is_empty(), "the rotation says what changed");
+
+    let tmp_policy = server.policy.with_extension("tmp");
+    std::fs::write(&tmp_policy, policy("/agent/rotated")).unwrap();
+    std::fs::rename(&tmp_policy, &server.policy).unwrap();
+    let want = format!("spiffe://{TD}/agent/rotated");
+    let svid = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("an update")
+            .unwrap()
+            .unwrap();
+        if let Some(s) = msg.svids.into_iter().find(|s| s.spiffe_id == want) {
+            break s;
+        }
+    };
+    let cas = split_der_chain(&svid.bundle).unwrap();
+    let new: Vec<Vec<u8>> = cas
+        .iter()
+        .filter(|c| !old_cas.contains(c))
+        .cloned()
+        .collect();
+    assert!(!new.is_empty(), "the message's bundle carries the new CA");
+    let leaf = split_der_chain(&svid.x509_svid).unwrap().remove(0);
+    let dir = tmp.path().join("verify");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("leaf.pem"), to_pem(&[leaf])).unwrap();
+    std::fs::write(dir.join("new.pem"), to_pem(&new)).unwrap();
+    let verify = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(dir.join("new.pem"))
+        .arg(dir.join("leaf.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&verify.stdout).contains(": OK"),
+        "signed by the new CA: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}

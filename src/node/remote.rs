@@ -496,6 +496,26 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.8 + fastrand::f64() * 0.4)
 }
 
+/// How long a signed credential may wait for the bundle that carries its key.
+const BUNDLE_WAIT: Duration = Duration::from_secs(10);
+
+impl RemoteIssuer {
+    /// Waits until this node's bundle is at least `sequence`: a key the server published at
+    /// the moment it started signing (an emergency rotation) reaches the node on the sync
+    /// stream, and a credential signed with it must not be handed out before.
+    async fn bundle_reached(&self, sequence: u64) -> Result<(), IssueError> {
+        let mut rx = self.bundles.clone();
+        let reached =
+            tokio::time::timeout(BUNDLE_WAIT, rx.wait_for(|b| b.own.sequence >= sequence)).await;
+        match reached {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(IssueError(format!(
+                "the bundle carrying the signing key (sequence {sequence}) has not arrived from the server"
+            ))),
+        }
+    }
+}
+
 fn issue_error(s: tonic::Status) -> IssueError {
     IssueError(format!("server: {}", s.message()))
 }
@@ -584,6 +604,9 @@ impl SvidIssuer for RemoteIssuer {
                 });
             }
         };
+        self.bundle_reached(resp.bundle_sequence)
+            .await
+            .map_err(TaskTokenError::Unavailable)?;
         // Never hand out a token this node cannot verify itself.
         let bundle = self.own_bundle.lock().expect("bundle").clone();
         let now = time::OffsetDateTime::now_utc().unix_timestamp();

@@ -443,6 +443,7 @@ impl pb::node_server::Node for NodeApi {
         self.audit_signed(&node, &checked, credential, &e.policy);
         Ok(Response::new(pb::SignX509SvidResponse {
             cert_chain: chain,
+            bundle_sequence: self.authority.bundle().sequence,
         }))
     }
 
@@ -473,7 +474,10 @@ impl pb::node_server::Node for NodeApi {
             .aud(body.audience.clone())
             .fingerprint_of(token.as_bytes());
         self.audit_signed(&node, &checked, credential, &e.policy);
-        Ok(Response::new(pb::SignJwtSvidResponse { token }))
+        Ok(Response::new(pb::SignJwtSvidResponse {
+            token,
+            bundle_sequence: self.authority.bundle().sequence,
+        }))
     }
 
     async fn sign_task_token(
@@ -547,6 +551,7 @@ impl pb::node_server::Node for NodeApi {
         Ok(Response::new(pb::SignTaskTokenResponse {
             expires_at: c.exp,
             token: issued.token,
+            bundle_sequence: self.authority.bundle().sequence,
         }))
     }
 
