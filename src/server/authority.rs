@@ -9,146 +9,21 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
+use super::keys::{
+    AuthorityConfig, AuthorityError, KeyChange, KeyEvent, MAX_JWT_LIFETIME, generate, parse_ca,
+    parse_key,
+};
 use super::legacy;
-use super::rotation::{KeyChange, KeyEvent};
-use super::state::{KeyKind, KeyRing, KeySlot, KeyState, Lifecycle, STATE_VERSION};
+use super::state::{KeyKind, KeyRing, KeySlot, KeyState, STATE_VERSION};
 use super::store::{FileStore, Revision, StateStore, StoreError};
-use crate::crypto::jwt::{JwtError, JwtSigner, JwtSvidClaims};
-use crate::crypto::x509::{CaSigner, Extension, X509Error};
-use crate::crypto::{KeyError, PrivateKey, sha256_hex};
-use crate::policy::{JWT_TTL_RANGE, X509_TTL_RANGE};
+use crate::crypto::jwt::{JwtSigner, JwtSvidClaims};
+use crate::crypto::x509::{CaSigner, Extension};
+use crate::crypto::{PrivateKey, sha256_hex};
+use crate::policy::X509_TTL_RANGE;
 use crate::spiffe::{JwtKey, SpiffeBundle, SpiffeId, TrustDomain};
-
-/// Why the authority could not start, sign or rotate.
-#[derive(Debug, thiserror::Error)]
-pub enum AuthorityError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Config(#[from] AuthorityConfigError),
-    #[error("{slot}: {source}")]
-    Key { slot: String, source: KeyError },
-    #[error("{slot}: {source}")]
-    Cert { slot: String, source: X509Error },
-    #[error(
-        "state directory belongs to trust domain {found}, not {wanted}; use another --state-dir"
-    )]
-    TrustDomainMismatch { found: String, wanted: TrustDomain },
-    #[error("signing X509-SVID: {0}")]
-    SignX509(X509Error),
-    #[error("signing JWT-SVID: {0}")]
-    SignJwt(JwtError),
-    #[error("refusing to sign for {0}: it is not in trust domain {1}")]
-    ForeignId(SpiffeId, TrustDomain),
-}
-
-/// A rotation setting that would let a key sign before peers can know it.
-#[derive(Debug, thiserror::Error)]
-pub enum AuthorityConfigError {
-    #[error("bundle refresh hint (--bundle-refresh-hint) must be at least 1s")]
-    RefreshHint,
-    #[error(
-        "rotation prepare-ahead (--rotation-prepare-ahead) {prepare} is less than 3 bundle refresh intervals ({min}): peers could miss a new key before it signs"
-    )]
-    PrepareAhead { prepare: String, min: String },
-    #[error(
-        "{name} {ttl} is less than 3 × prepare-ahead ({min}): a key must be published for prepare-ahead, then sign at least as long"
-    )]
-    Lifetime {
-        name: &'static str,
-        ttl: String,
-        min: String,
-    },
-}
-
-/// Lifetimes and rotation timing of the authority's keys.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AuthorityConfig {
-    /// Lifetime of each CA certificate; a CA signs for about the first half of it.
-    #[serde(with = "humantime_serde")]
-    pub ca_ttl: Duration,
-    /// Lifetime of each JWT signing key; it signs for about the first half of it.
-    #[serde(with = "humantime_serde")]
-    pub jwt_key_ttl: Duration,
-    /// How long a new key is in the bundle before it signs.
-    #[serde(with = "humantime_serde")]
-    pub prepare_ahead: Duration,
-    /// Suggested bundle refresh interval for federation peers.
-    #[serde(with = "humantime_serde")]
-    pub refresh_hint: Duration,
-}
-
-impl Default for AuthorityConfig {
-    fn default() -> Self {
-        Self {
-            ca_ttl: Duration::from_secs(7 * 24 * 3600),
-            jwt_key_ttl: Duration::from_secs(24 * 3600),
-            // 12 refresh intervals: SPIFFE federation asks for at least 3 to 5.
-            prepare_ahead: Duration::from_secs(3600),
-            refresh_hint: Duration::from_secs(300),
-        }
-    }
-}
-
-/// Longest lifetime of anything a JWT key signs: JWT-SVIDs and task tokens.
-pub const MAX_JWT_LIFETIME: Duration = JWT_TTL_RANGE.1;
-const _: () = assert!(crate::token::MAX_TTL.as_secs() <= MAX_JWT_LIFETIME.as_secs());
-
-impl AuthorityConfig {
-    /// Checks that a new key is published for 3 refresh intervals before it signs, and that
-    /// each lifetime leaves room for that notice and a signing period at least as long.
-    pub fn validate(&self) -> Result<(), AuthorityConfigError> {
-        let fmt = |d: Duration| humantime::format_duration(d).to_string();
-        if self.refresh_hint < Duration::from_secs(1) {
-            return Err(AuthorityConfigError::RefreshHint);
-        }
-        let min = self.refresh_hint * 3;
-        if self.prepare_ahead < min {
-            return Err(AuthorityConfigError::PrepareAhead {
-                prepare: fmt(self.prepare_ahead),
-                min: fmt(min),
-            });
-        }
-        // A scheduled key signs for (ttl - prepare) / 2: at least prepare when ttl >= 3 x prepare,
-        // so the next key can be prepared after the current one started signing.
-        let min = self.prepare_ahead * 3;
-        for (name, ttl) in [
-            ("CA lifetime (--ca-ttl)", self.ca_ttl),
-            ("JWT key lifetime (--jwt-key-ttl)", self.jwt_key_ttl),
-        ] {
-            if ttl < min {
-                return Err(AuthorityConfigError::Lifetime {
-                    name,
-                    ttl: fmt(ttl),
-                    min: fmt(min),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// The lifecycle rules of `kind`.
-    pub fn lifecycle(&self, kind: KeyKind) -> Lifecycle {
-        match kind {
-            KeyKind::X509Ca => Lifecycle {
-                ttl: self.ca_ttl,
-                prepare_ahead: self.prepare_ahead,
-                max_credential_ttl: X509_TTL_RANGE.1,
-                credentials_capped: true,
-            },
-            KeyKind::Jwt => Lifecycle {
-                ttl: self.jwt_key_ttl,
-                prepare_ahead: self.prepare_ahead,
-                max_credential_ttl: MAX_JWT_LIFETIME,
-                credentials_capped: false,
-            },
-        }
-    }
-}
 
 /// Signers parsed from one [`KeyRing`], in the same places.
 struct Ring<T> {
@@ -634,65 +509,6 @@ fn event(p: Pending, sequence: u64) -> KeyEvent {
         emergency: p.emergency,
         sequence,
     }
-}
-
-/// A new key of `kind`, published at `now`.
-pub(super) fn generate(
-    td: &TrustDomain,
-    config: &AuthorityConfig,
-    kind: KeyKind,
-    now: SystemTime,
-) -> Result<KeySlot, AuthorityError> {
-    let (key, cert, not_after) = match kind {
-        KeyKind::X509Ca => {
-            let ca = CaSigner::generate_at(td, now, config.ca_ttl).map_err(|source| {
-                AuthorityError::Cert {
-                    slot: "new CA".into(),
-                    source,
-                }
-            })?;
-            let cert = crate::crypto::x509::to_pem(&[ca.cert_der().to_vec()]);
-            (ca.key().pkcs8_pem(), Some(cert), ca.not_after())
-        }
-        KeyKind::Jwt => {
-            let key = PrivateKey::generate().map_err(|source| AuthorityError::Key {
-                slot: "new JWT key".into(),
-                source,
-            })?;
-            (key.pkcs8_pem(), None, now + config.jwt_key_ttl)
-        }
-    };
-    Ok(KeySlot {
-        key,
-        cert,
-        published_at: now,
-        not_after,
-        activated_at: None,
-        deactivated_at: None,
-    })
-}
-
-pub(super) fn parse_key(pem: &str, slot: &str) -> Result<PrivateKey, AuthorityError> {
-    PrivateKey::from_pkcs8_pem(pem).map_err(|source| AuthorityError::Key {
-        slot: slot.into(),
-        source,
-    })
-}
-
-pub(super) fn parse_ca(s: &KeySlot, slot: &str) -> Result<CaSigner, AuthorityError> {
-    let cert_err = |source| AuthorityError::Cert {
-        slot: slot.into(),
-        source,
-    };
-    let key = parse_key(&s.key, slot)?;
-    let cert = s
-        .cert
-        .as_deref()
-        .ok_or_else(|| cert_err(X509Error::Parse("no certificate".into())))?;
-    let der = pem::parse(cert)
-        .map_err(|e| cert_err(X509Error::Parse(e.to_string())))?
-        .into_contents();
-    CaSigner::from_parts(key, der).map_err(cert_err)
 }
 
 #[cfg(test)]

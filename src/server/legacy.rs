@@ -3,7 +3,7 @@
 
 use std::time::SystemTime;
 
-use super::authority::{AuthorityConfig, AuthorityError, generate, parse_ca, parse_key};
+use super::keys::{AuthorityConfig, AuthorityError, generate, parse_ca, parse_key};
 use super::state::{KeyKind, KeyRing, KeySlot, KeyState, STATE_VERSION};
 use super::store::FileStore;
 use crate::crypto::x509::NOT_BEFORE_CUSHION;

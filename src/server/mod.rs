@@ -2,6 +2,7 @@
 //! node API.
 mod authority;
 pub mod join;
+mod keys;
 mod legacy;
 pub mod listen;
 pub mod node_api;
@@ -10,9 +11,10 @@ pub mod run;
 mod state;
 mod store;
 
-pub use authority::{
-    Authority, AuthorityConfig, AuthorityConfigError, AuthorityError, MAX_JWT_LIFETIME,
+pub use authority::Authority;
+pub use keys::{
+    AuthorityConfig, AuthorityConfigError, AuthorityError, KeyChange, KeyEvent, MAX_JWT_LIFETIME,
 };
-pub use rotation::{KeyChange, KeyEvent, record as record_key_event, spawn_rotation};
+pub use rotation::{record as record_key_event, spawn_rotation};
 pub use state::{KeyKind, KeyRing, KeySlot, KeyState, Lifecycle};
 pub use store::{FileStore, Revision, StateStore, StoreError};

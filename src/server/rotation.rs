@@ -5,96 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::authority::Authority;
-use super::state::KeyKind;
-use crate::audit::{Action, AuditEvent, AuditLog, Credential, CredentialKind, Decision};
+use super::keys::KeyEvent;
+use crate::audit::AuditLog;
 use crate::spiffe::TrustDomain;
-
-/// One step of a key's lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyChange {
-    /// Made and published in the bundle; not signing yet.
-    Prepared,
-    /// Signs from now on; the key it replaced stays in the bundle.
-    Activated,
-    /// Removed from the bundle: nothing it signed is still valid.
-    Retired,
-}
-
-/// A change to the authority's keys, for logs and the audit trail.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KeyEvent {
-    pub kind: KeyKind,
-    pub change: KeyChange,
-    /// `sha256:<hex>` of the CA certificate (DER) or of the JWT key's SubjectPublicKeyInfo.
-    pub fingerprint: String,
-    /// The JWT key's `kid`.
-    pub kid: Option<String>,
-    /// End of the key's validity.
-    pub not_after: SystemTime,
-    /// For an activation: how long the key had been in the bundle. Zero means peers could
-    /// not know it before it signed.
-    pub notice: Option<Duration>,
-    /// Part of an emergency rotation (`Authority::rotate_now`), not the schedule.
-    pub emergency: bool,
-    /// Bundle sequence number once the change was made.
-    pub sequence: u64,
-}
-
-impl KeyEvent {
-    /// The key as people read it: CA fingerprint, or JWT `kid`.
-    pub fn key_name(&self) -> String {
-        match &self.kid {
-            Some(kid) => format!("{} {kid}", self.kind),
-            None => format!("{} {}", self.kind, self.fingerprint),
-        }
-    }
-
-    /// The audit reason, e.g. `prepared next CA sha256:…`.
-    pub fn reason(&self) -> String {
-        let key = self.key_name();
-        let seq = self.sequence;
-        match self.change {
-            KeyChange::Prepared if self.emergency => {
-                format!("emergency rotation: prepared {key} (bundle sequence {seq})")
-            }
-            KeyChange::Prepared => format!("prepared next {key} (bundle sequence {seq})"),
-            KeyChange::Activated => {
-                let notice = self.notice.unwrap_or_default();
-                let notice = humantime::format_duration(Duration::from_secs(notice.as_secs()));
-                match (self.emergency, self.notice.unwrap_or_default().is_zero()) {
-                    (true, true) => format!(
-                        "emergency rotation: activated {key}, unannounced: it entered the bundle as it started signing"
-                    ),
-                    (true, false) => {
-                        format!("emergency rotation: activated {key}, published {notice} before")
-                    }
-                    (false, true) => {
-                        format!("activated {key}, unannounced: the key it replaces had expired")
-                    }
-                    (false, false) => format!("activated {key}, published {notice} before"),
-                }
-            }
-            KeyChange::Retired => {
-                format!("retired {key}: nothing it signed is still valid (bundle sequence {seq})")
-            }
-        }
-    }
-
-    /// The `bundle_updated` audit record of this change.
-    pub fn audit_event(&self, td: &TrustDomain) -> AuditEvent {
-        let mut credential =
-            Credential::new(CredentialKind::Bundle).not_after(self.not_after.into());
-        credential.fingerprint = Some(self.fingerprint.clone());
-        let rule = if self.emergency {
-            "emergency rotation"
-        } else {
-            "scheduled rotation"
-        };
-        AuditEvent::new(Action::BundleUpdated, td.id_string())
-            .decision(Decision::allow().reason(self.reason()).policy(rule))
-            .credential(credential)
-    }
-}
 
 /// Logs `event` and writes it to `audit`.
 pub fn record(audit: &AuditLog, td: &TrustDomain, event: &KeyEvent) {

@@ -16,8 +16,9 @@ use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
-use super::authority::{Authority, AuthorityConfig};
+use super::authority::Authority;
 use super::join::JoinTokens;
+use super::keys::AuthorityConfig;
 use super::listen;
 use super::node_api::{DEFAULT_NODE_SVID_TTL, NodeApi, NodeKind};
 use super::rotation::{record as record_key_event, spawn_rotation};

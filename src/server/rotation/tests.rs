@@ -14,6 +14,8 @@ use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 use super::*;
 use crate::crypto::x509::CaSigner;
 use crate::crypto::{PrivateKey, sha256_hex};
+use crate::server::keys::KeyChange;
+use crate::server::state::KeyKind;
 use crate::server::store::FileStore;
 use crate::server::{
     AuthorityConfig, AuthorityConfigError, AuthorityError, KeySlot, MAX_JWT_LIFETIME,
