@@ -376,15 +376,7 @@ async fn node_api_refuses_garbage_impersonation_and_overreach() {
 
     // Node a's own SVID (a root attacker on node a has it), used by hand.
     let state = a.dir.join("state");
-    let chain: Vec<Vec<u8>> = pem::parse_many(std::fs::read(state.join("node-svid.pem")).unwrap())
-        .unwrap()
-        .into_iter()
-        .map(pem::Pem::into_contents)
-        .collect();
-    let key = pem::parse(std::fs::read(state.join("node-svid.key")).unwrap())
-        .unwrap()
-        .into_contents();
-    let id = Identity::new(&chain, &key).unwrap();
+    let id = identity_from(&state.join("node-svid.pem"), &state.join("node-svid.key"));
     let mtls = tls::client_config(Some(id), trust, accept).unwrap();
     let mut node_a = NodeClient::new(server_channel(&server.url, mtls).unwrap());
     // Entitled: signed.
@@ -440,16 +432,8 @@ async fn node_api_refuses_garbage_impersonation_and_overreach() {
         &["x509", "fetch", "--out", out.to_str().unwrap()],
     );
     assert_eq!(code, 0, "{e}");
-    let foreign_chain: Vec<Vec<u8>> = pem::parse_many(std::fs::read(out.join("svid.pem")).unwrap())
-        .unwrap()
-        .into_iter()
-        .map(pem::Pem::into_contents)
-        .collect();
-    let foreign_key = pem::parse(std::fs::read(out.join("svid.key")).unwrap())
-        .unwrap()
-        .into_contents();
     let foreign = tls::client_config(
-        Some(Identity::new(&foreign_chain, &foreign_key).unwrap()),
+        Some(identity_from(&out.join("svid.pem"), &out.join("svid.key"))),
         Trust::new(&bundle).unwrap(),
         Accept::new(|_| true),
     )
@@ -470,6 +454,19 @@ async fn node_api_refuses_garbage_impersonation_and_overreach() {
         server.audit().contains("cannot claim Kubernetes pods"),
         "overreach audited"
     );
+}
+
+/// A TLS identity from PEM files: a certificate chain and its PKCS#8 key.
+fn identity_from(chain: &Path, key: &Path) -> Identity {
+    let chain: Vec<Vec<u8>> = pem::parse_many(std::fs::read(chain).unwrap())
+        .unwrap()
+        .into_iter()
+        .map(pem::Pem::into_contents)
+        .collect();
+    let key = pem::parse(std::fs::read(key).unwrap())
+        .unwrap()
+        .into_contents();
+    Identity::new(&chain, &key).unwrap()
 }
 
 fn sign_request(path: &str, uid: u32, composite: &str) -> pb::SignX509SvidRequest {

@@ -147,6 +147,27 @@ fn check_id(leaf: &CertificateDer<'_>, accept: &Accept) -> Result<(), rustls::Er
     }
 }
 
+#[derive(Clone, Copy)]
+enum Tls {
+    V12,
+    V13,
+}
+
+/// A handshake signature checked with the provider's algorithms (both verifiers).
+fn verify_signature(
+    provider: &CryptoProvider,
+    version: Tls,
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    let algs = &provider.signature_verification_algorithms;
+    match version {
+        Tls::V12 => rustls::crypto::verify_tls12_signature(message, cert, dss, algs),
+        Tls::V13 => rustls::crypto::verify_tls13_signature(message, cert, dss, algs),
+    }
+}
+
 /// Verifies the server: path validation to the current trust, then its SPIFFE ID.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
@@ -181,12 +202,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            m,
-            c,
-            d,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_signature(&self.provider, Tls::V12, m, c, d)
     }
     fn verify_tls13_signature(
         &self,
@@ -194,12 +210,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            m,
-            c,
-            d,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_signature(&self.provider, Tls::V13, m, c, d)
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.provider
@@ -254,12 +265,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            m,
-            c,
-            d,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_signature(&self.provider, Tls::V12, m, c, d)
     }
     fn verify_tls13_signature(
         &self,
@@ -267,12 +273,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            m,
-            c,
-            d,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_signature(&self.provider, Tls::V13, m, c, d)
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.provider
