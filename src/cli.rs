@@ -119,8 +119,8 @@ pub struct K8sArgs {
     #[arg(long, env = "AGENTID_CLUSTER_NAME")]
     pub cluster_name: Option<String>,
     /// Where pods are learned from: the API server (watch) or this node's kubelet (poll).
-    #[arg(long, env = "AGENTID_POD_SOURCE", value_enum, default_value_t = crate::node::k8s::PodSource::Api)]
-    pub pod_source: crate::node::k8s::PodSource,
+    #[arg(long, env = "AGENTID_POD_SOURCE", value_enum, default_value_t = crate::k8s::PodSource::Api)]
+    pub pod_source: crate::k8s::PodSource,
     /// How long a caller whose container is not in the pod index yet is waited for.
     #[arg(long, env = "AGENTID_POD_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub pod_wait: Duration,

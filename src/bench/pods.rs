@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
 use super::stats::percentile;
-use crate::node::k8s::{PodIndex, PodSource};
+use crate::k8s::{PodIndex, PodSource};
 
 /// Lookup latency over an index of `pods` pods.
 #[derive(Debug, Clone, Copy, Serialize)]

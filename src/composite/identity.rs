@@ -57,6 +57,19 @@ pub struct Model {
     pub id: String,
 }
 
+impl Model {
+    /// `provider/id` as a model; `None` unless both parts are non-empty.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.split_once('/') {
+            Some((provider, id)) if !provider.is_empty() && !id.is_empty() => Some(Self {
+                provider: provider.to_owned(),
+                id: id.to_owned(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// Where the agent runs in Kubernetes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

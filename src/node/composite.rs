@@ -9,17 +9,15 @@ use serde_json::{Map, Value};
 
 use super::attest::digest_cache::DigestCache;
 use super::attest::rootfs::{self, RootfsError};
-use crate::composite::{self, Agent, CompositeError, CompositeIdentity, K8s, Model, Pod, Unix};
+use crate::composite::{self, CompositeError, CompositeIdentity, K8s, Pod, Unix};
 use crate::crypto::x509::Extension;
-use crate::policy::{Attested, CompositeSpec, K8sFacts, PinMismatch, WorkloadFacts};
+use crate::policy::{Attested, CompositeSpec, Declared, DeclaredError, PinMismatch, WorkloadFacts};
 
 /// Pod annotations that declare an agent (AGENT-IDENTITY.md §1).
-pub const ANNOTATION_MODEL: &str = "agentid.dev/model";
-/// The same annotation the `{{ .AgentName }}` placeholder reads.
-pub const ANNOTATION_AGENT_NAME: &str = crate::policy::AGENT_NAME_ANNOTATION;
-pub const ANNOTATION_AGENT_VERSION: &str = "agentid.dev/agent-version";
-pub const ANNOTATION_CONFIG_FILES: &str = "agentid.dev/config-files";
-pub const ANNOTATION_TOOLS_FILES: &str = "agentid.dev/tools-files";
+pub use crate::policy::{
+    ANNOTATION_AGENT_NAME, ANNOTATION_AGENT_VERSION, ANNOTATION_CONFIG_FILES, ANNOTATION_MODEL,
+    ANNOTATION_TOOLS_FILES,
+};
 
 /// Why no composite identity could be built for a caller.
 #[derive(Debug, thiserror::Error)]
@@ -28,11 +26,8 @@ pub enum ComposeError {
     #[error("hashing {0}")]
     File(#[from] RootfsError),
     /// A declaration (pod annotation or policy) is malformed.
-    #[error("{source_name}: {detail}")]
-    Declared {
-        source_name: &'static str,
-        detail: String,
-    },
+    #[error(transparent)]
+    Declared(#[from] DeclaredError),
     #[error("composite identity: {0}")]
     Invalid(#[from] CompositeError),
     /// The attested composite is not what the policy pins.
@@ -65,15 +60,6 @@ impl Default for Composer {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// What declares the agent: pod annotations in Kubernetes, the policy in unix mode.
-struct Declared {
-    model: Option<String>,
-    agent_name: Option<String>,
-    agent_version: Option<String>,
-    config_files: Vec<String>,
-    tools_files: Vec<String>,
 }
 
 impl Composer {
@@ -109,7 +95,7 @@ impl Composer {
         let root = self.proc_root.join(pid.to_string()).join("root");
         if let Some(k8s) = &facts.k8s {
             let spec = spec.unwrap_or(&empty);
-            let declared = declared_by_pod(k8s, spec)?;
+            let declared = Declared::by_pod(k8s, spec)?;
             let placement = K8s {
                 cluster: k8s.cluster.clone(),
                 namespace: k8s.namespace.clone(),
@@ -132,13 +118,7 @@ impl Composer {
             return Ok(None);
         };
         let unix = facts.unix.as_ref().ok_or(ComposeError::NoFacts)?;
-        let declared = Declared {
-            model: spec.model.clone(),
-            agent_name: spec.agent_name.clone(),
-            agent_version: spec.agent_version.clone(),
-            config_files: spec.config_files.clone(),
-            tools_files: spec.tools_files.clone(),
-        };
+        let declared = Declared::by_policy(spec);
         let base = CompositeIdentity {
             unix: Some(Unix {
                 uid: unix.uid,
@@ -175,26 +155,9 @@ impl Composer {
         };
         let config_digest = digest_of(&declared.config_files)?;
         let tools_digest = digest_of(&declared.tools_files)?;
-        let model = declared
-            .model
-            .as_deref()
-            .map(|m| match m.split_once('/') {
-                Some((provider, id)) if !provider.is_empty() && !id.is_empty() => Ok(Model {
-                    provider: provider.to_owned(),
-                    id: id.to_owned(),
-                }),
-                _ => Err(ComposeError::Declared {
-                    source_name: ANNOTATION_MODEL,
-                    detail: format!("{m:?} is not <provider>/<model id>"),
-                }),
-            })
-            .transpose()?;
         let identity = CompositeIdentity {
-            agent: declared.agent_name.map(|name| Agent {
-                name,
-                version: declared.agent_version,
-            }),
-            model,
+            agent: declared.agent(),
+            model: declared.model()?,
             config_digest,
             tools_digest,
             ..base
@@ -217,40 +180,6 @@ impl Composer {
             watched,
         })
     }
-}
-
-/// What a pod's annotations declare; the policy's declarations fill what they leave out.
-fn declared_by_pod(k8s: &K8sFacts, spec: &CompositeSpec) -> Result<Declared, ComposeError> {
-    let note = |key: &str| k8s.pod_annotations.get(key).map(|v| v.trim().to_owned());
-    let files = |key: &'static str, fallback: &[String]| -> Result<Vec<String>, ComposeError> {
-        let Some(list) = note(key) else {
-            return Ok(fallback.to_vec());
-        };
-        let files: Vec<String> = list
-            .split(',')
-            .map(str::trim)
-            .filter(|f| !f.is_empty())
-            .map(str::to_owned)
-            .collect();
-        if let Some(bad) = files.iter().find(|f| !f.starts_with('/')) {
-            return Err(ComposeError::Declared {
-                source_name: key,
-                detail: format!("{bad:?} is not an absolute path"),
-            });
-        }
-        Ok(files)
-    };
-    Ok(Declared {
-        model: note(ANNOTATION_MODEL).or_else(|| spec.model.clone()),
-        // The same reader `{{ .AgentName }}` uses, so the ID and the composite agree.
-        agent_name: k8s
-            .agent_name()
-            .map(str::to_owned)
-            .or_else(|| spec.agent_name.clone()),
-        agent_version: note(ANNOTATION_AGENT_VERSION).or_else(|| spec.agent_version.clone()),
-        config_files: files(ANNOTATION_CONFIG_FILES, &spec.config_files)?,
-        tools_files: files(ANNOTATION_TOOLS_FILES, &spec.tools_files)?,
-    })
 }
 
 #[cfg(test)]

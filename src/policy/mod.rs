@@ -1,11 +1,16 @@
 //! Policies (`AgentIdentity`): which workloads get which SPIFFE IDs, with which TTLs.
 //!
 //! Parsing, validation, template rendering and matching are pure; `load` reads files.
+mod declared;
 mod facts;
 mod load;
 mod schema;
 mod template;
 
+pub use declared::{
+    ANNOTATION_AGENT_NAME, ANNOTATION_AGENT_VERSION, ANNOTATION_CONFIG_FILES, ANNOTATION_MODEL,
+    ANNOTATION_TOOLS_FILES, Declared, DeclaredError,
+};
 pub use facts::{AGENT_NAME_ANNOTATION, K8sFacts, UnixFacts, WorkloadFacts};
 pub use load::{
     PolicyError, PolicySource, from_sources, load_paths, parse_documents, read_sources,

@@ -5,34 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Where the pod index learns about this node's pods.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum PodSource {
-    /// Watch the API server (pods of this node, and namespaces for their labels).
-    #[default]
-    Api,
-    /// Poll the kubelet's `/pods` on this node: no API server load, no namespace labels.
-    Kubelet,
-}
-
-impl PodSource {
-    /// The name used on the command line and in status lines.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PodSource::Api => "api",
-            PodSource::Kubelet => "kubelet",
-        }
-    }
-}
-
-impl std::fmt::Display for PodSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::k8s::{ApiConfig, PodSource};
+use crate::k8s::{ApiConfigError, check_url, is_node_name};
 
 /// The node daemon's Kubernetes settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,19 +38,6 @@ impl Default for K8sConfig {
             pod_wait: Duration::from_secs(3),
         }
     }
-}
-
-/// How to reach the API server. All unset: `kube::Config::infer()` (kubeconfig, then in-cluster).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ApiConfig {
-    /// API server URL; when set, `ca_file` (for https) and `token_file` are used instead of
-    /// inference.
-    pub url: Option<String>,
-    /// PEM bundle of the CAs that sign the API server's certificate.
-    pub ca_file: Option<PathBuf>,
-    /// Bearer token file, re-read on every request (tokens rotate).
-    pub token_file: Option<PathBuf>,
 }
 
 /// The in-cluster service-account token, which rotates.
@@ -132,10 +93,8 @@ pub enum K8sConfigError {
         url: String,
         reason: String,
     },
-    #[error("k8s.api.{0} is only used together with k8s.api.url")]
-    ApiWithoutUrl(&'static str),
-    #[error("k8s.api.ca_file is required for an https k8s.api.url")]
-    ApiNoCa,
+    #[error("k8s.api.{0}")]
+    Api(#[from] ApiConfigError),
     #[error("k8s.kubelet.{key} {value:?} is outside {range}")]
     KubeletDuration {
         key: &'static str,
@@ -166,34 +125,20 @@ impl K8sConfig {
             return Err(K8sConfigError::PodWait(self.pod_wait));
         }
         match self.pod_source {
-            PodSource::Api => self.api.validate(),
+            PodSource::Api => Ok(self.api.validate()?),
             PodSource::Kubelet => self.kubelet.validate(),
         }
     }
 }
 
-impl ApiConfig {
-    fn validate(&self) -> Result<(), K8sConfigError> {
-        let Some(url) = &self.url else {
-            if self.ca_file.is_some() {
-                return Err(K8sConfigError::ApiWithoutUrl("ca_file"));
-            }
-            if self.token_file.is_some() {
-                return Err(K8sConfigError::ApiWithoutUrl("token_file"));
-            }
-            return Ok(());
-        };
-        // Plain http only makes sense for `kubectl proxy` on loopback; allowed, not encouraged.
-        if check_url("api.url", url)? == "https" && self.ca_file.is_none() {
-            return Err(K8sConfigError::ApiNoCa);
-        }
-        Ok(())
-    }
-}
-
 impl KubeletConfig {
     fn validate(&self) -> Result<(), K8sConfigError> {
-        if check_url("kubelet.url", &self.url)? != "https" {
+        let scheme = check_url(&self.url).map_err(|reason| K8sConfigError::Url {
+            key: "kubelet.url",
+            url: self.url.clone(),
+            reason,
+        })?;
+        if scheme != "https" {
             return Err(K8sConfigError::Url {
                 key: "kubelet.url",
                 url: self.url.clone(),
@@ -227,48 +172,9 @@ impl KubeletConfig {
     }
 }
 
-/// Parses `url` as an absolute http(s) URL with a host and no path; returns its scheme.
-fn check_url(key: &'static str, url: &str) -> Result<String, K8sConfigError> {
-    let bad = |reason: &str| K8sConfigError::Url {
-        key,
-        url: url.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
-    let scheme = match uri.scheme_str() {
-        Some(s @ ("http" | "https")) => s.to_owned(),
-        Some(_) => return Err(bad("the scheme must be https (or http)")),
-        None => return Err(bad("not an absolute URL")),
-    };
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(bad("no host"));
-    }
-    if uri.query().is_some() {
-        return Err(bad("a query string is not allowed"));
-    }
-    Ok(scheme)
-}
-
-/// A node name is a lowercase RFC 1123 subdomain; this also keeps it safe inside a field selector.
-fn is_node_name(s: &str) -> bool {
-    s.len() <= 253
-        && s.split('.').all(|label| {
-            let b = label.as_bytes();
-            !b.is_empty()
-                && b.len() <= 63
-                && b[0].is_ascii_alphanumeric()
-                && b[b.len() - 1].is_ascii_alphanumeric()
-                && b.iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::ValueEnum;
 
     fn valid() -> K8sConfig {
         K8sConfig {
@@ -384,16 +290,5 @@ mod tests {
 
         let err = serde_yaml_ng::from_str::<K8sConfig>("node_nmae: x\n").unwrap_err();
         assert!(err.to_string().contains("node_nmae"), "{err}");
-    }
-
-    #[test]
-    fn pod_source_on_the_command_line() {
-        assert_eq!(PodSource::from_str("api", false), Ok(PodSource::Api));
-        assert_eq!(
-            PodSource::from_str("kubelet", false),
-            Ok(PodSource::Kubelet)
-        );
-        assert!(PodSource::from_str("etcd", false).is_err());
-        assert_eq!(PodSource::Kubelet.to_string(), "kubelet");
     }
 }

@@ -16,10 +16,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::config::KubeletConfig;
-use super::index::PodIndex;
-use super::status::Stream;
-use super::token::{TokenError, read_bearer};
-use super::{error_chain, pem_certificates};
+use crate::k8s::status::Stream;
+use crate::k8s::token::{TokenError, read_bearer};
+use crate::k8s::{PodIndex, error_chain, pem_certificates};
 
 /// Early polls asked for by `wait_for` come no closer together than this.
 pub const MIN_REPOLL: Duration = Duration::from_millis(500);

@@ -1,18 +1,14 @@
-//! Kubernetes facts for attestation: a node-scoped pod index (`index`) fed in the background by
-//! the API server (`api`, default) or the kubelet (`kubelet`), so resolving a caller's pod UID
-//! and container ID never waits on a request per call.
-pub mod api;
+//! Kubernetes facts for attestation: a node-scoped pod index (`crate::k8s::PodIndex`) fed in
+//! the background by the API server (`crate::k8s::api`, default) or this node's kubelet
+//! (`kubelet`), so resolving a caller's pod UID and container ID never waits on a request per
+//! call.
 pub mod config;
-pub mod index;
 pub mod kubelet;
-pub mod pod;
-pub mod status;
-pub mod token;
 
-pub use config::{ApiConfig, K8sConfig, K8sConfigError, KubeletConfig, PodSource};
-pub use index::{LookupError, PodIndex, Replaced};
-pub use pod::{PodRejected, image_digest, strip_runtime_prefix};
-pub use status::{K8sStatus, SourceError, Stream, StreamStatus};
+pub use crate::k8s::{ApiConfig, LookupError, PodIndex, PodSource};
+pub use config::{K8sConfig, K8sConfigError, KubeletConfig};
+
+use crate::k8s::api;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -72,34 +68,4 @@ pub async fn start(config: &K8sConfig) -> Result<(PodIndex, SourceHandle), Start
     };
     tracing::info!(source = %config.pod_source, node = %config.node_name, "pod index source started");
     Ok((index, SourceHandle { cancel, task }))
-}
-
-/// An error and its sources on one line, skipping a source whose text the line already holds
-/// (kube's errors often repeat their cause).
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = cause.source();
-    }
-    out
-}
-
-/// The DER certificates in a PEM bundle; an error if there are none.
-pub(crate) fn pem_certificates(pem_bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
-    let blocks = pem::parse_many(pem_bytes).map_err(|e| format!("not PEM: {e}"))?;
-    let certs: Vec<Vec<u8>> = blocks
-        .into_iter()
-        .filter(|b| b.tag() == "CERTIFICATE")
-        .map(pem::Pem::into_contents)
-        .collect();
-    if certs.is_empty() {
-        return Err("no CERTIFICATE block in the PEM data".to_owned());
-    }
-    Ok(certs)
 }

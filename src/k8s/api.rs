@@ -1,12 +1,13 @@
-//! Source A (the default): the API server, through kube's watcher. Pods are watched with the
-//! field selector `spec.nodeName=<node>`, so the API server sends only this node's pods;
-//! namespaces are watched for their labels.
+//! The API server: its client (explicit URL, CA and token file, or inferred), and kube's
+//! watcher feeding a pod index. A node's index watches pods with the field selector
+//! `spec.nodeName=<node>`, so the API server sends only that node's pods; the server's index
+//! watches every pod. Namespaces are watched for their labels.
 //!
 //! On an error the index keeps what it has (known pods still resolve), the stream is marked
 //! down, and after kube's default backoff the watch restarts with a fresh list. Restarting
 //! with a list, rather than letting the watcher resume silently, is what tells us the source
 //! is back (a resumed watch that carries no event is invisible), and it repairs anything missed
-//! meanwhile; a node's pod list is small.
+//! meanwhile.
 //!
 //! kube's own retry of 429/503/504 answers is turned off: it backs off up to 15 times (minutes
 //! in all) before a watch error surfaces, during which the status would claim the source is up.
@@ -15,7 +16,7 @@
 //! RBAC: `list` and `watch` on `pods` (all namespaces) and `namespaces`.
 
 use std::fmt::Debug;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -23,13 +24,61 @@ use kube::client::ClientBuilder;
 use kube::runtime::watcher::{self, DefaultBackoff, Event};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::config::ApiConfig;
-use super::index::PodIndex;
+use super::index::{PodIndex, Scope};
 use super::status::Stream;
 use super::token::{BearerTokenFile, TokenError};
-use super::{error_chain, pem_certificates};
+use super::{check_url, error_chain, pem_certificates};
+
+/// How to reach the API server. All unset: `kube::Config::infer()` (kubeconfig, then in-cluster).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// API server URL; when set, `ca_file` (for https) and `token_file` are used instead of
+    /// inference.
+    pub url: Option<String>,
+    /// PEM bundle of the CAs that sign the API server's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Bearer token file, re-read on every request (tokens rotate).
+    pub token_file: Option<PathBuf>,
+}
+
+/// What is wrong with an `ApiConfig`; each names the key (`url`, `ca_file`, `token_file`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiConfigError {
+    #[error("{0} is only used together with url")]
+    WithoutUrl(&'static str),
+    #[error("ca_file is required for an https url")]
+    NoCa,
+    #[error("url {url:?}: {reason}")]
+    Url { url: String, reason: String },
+}
+
+impl ApiConfig {
+    /// Checks that the keys make sense together.
+    pub fn validate(&self) -> Result<(), ApiConfigError> {
+        let Some(url) = &self.url else {
+            if self.ca_file.is_some() {
+                return Err(ApiConfigError::WithoutUrl("ca_file"));
+            }
+            if self.token_file.is_some() {
+                return Err(ApiConfigError::WithoutUrl("token_file"));
+            }
+            return Ok(());
+        };
+        let scheme = check_url(url).map_err(|reason| ApiConfigError::Url {
+            url: url.clone(),
+            reason,
+        })?;
+        // Plain http only makes sense for `kubectl proxy` on loopback; allowed, not encouraged.
+        if scheme == "https" && self.ca_file.is_none() {
+            return Err(ApiConfigError::NoCa);
+        }
+        Ok(())
+    }
+}
 
 /// Why the API client could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -94,15 +143,13 @@ pub fn client_for(
     })
 }
 
-/// Feeds `index` from the API server until `cancel`.
+/// Feeds `index` from the API server until `cancel`: the pods of its scope, and namespaces.
 pub async fn run(client: Client, index: PodIndex, cancel: CancellationToken) {
-    let selector = format!("spec.nodeName={}", index.node_name());
-    let pods = watch::<Pod>(
-        Api::all(client.clone()),
-        watcher::Config::default().fields(&selector),
-        &index,
-        &cancel,
-    );
+    let pod_config = match index.scope() {
+        Scope::Node(node) => watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+        Scope::Cluster => watcher::Config::default(),
+    };
+    let pods = watch::<Pod>(Api::all(client.clone()), pod_config, &index, &cancel);
     let namespaces = watch::<Namespace>(
         Api::all(client),
         watcher::Config::default(),
@@ -127,7 +174,8 @@ impl Fed for Pod {
         if outcome.rejected > 0 {
             tracing::warn!(
                 rejected = outcome.rejected,
-                "API server listed pods of another node despite the field selector; refused"
+                "API server listed pods the index refuses (another node despite the field \
+                 selector, or no UID)"
             );
         }
         tracing::debug!(indexed = outcome.indexed, "pods listed");

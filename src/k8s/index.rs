@@ -1,9 +1,11 @@
-//! The node's pod index: pod and container facts keyed by what the kernel reports (the pod UID
-//! and container ID in a process's cgroup path), fed by a source in the background, so that
-//! attesting a caller is two hash lookups whatever the number of pods.
+//! The pod index: pod and container facts keyed by what the kernel reports (the pod UID and
+//! container ID in a process's cgroup path), fed by a source in the background, so that
+//! resolving a caller is a few hash lookups whatever the number of pods.
 //!
-//! Only this node's pods are kept: one whose `spec.nodeName` names another node is refused even
-//! if a source delivers it. Each pod keeps only what `K8sFacts` needs (`pod.rs`).
+//! A node daemon's index (`Scope::Node`) keeps only its node's pods: one whose `spec.nodeName`
+//! names another node is refused even if a source delivers it. The server's index
+//! (`Scope::Cluster`) keeps every pod, and a lookup names the node the pod must run on. Each
+//! pod keeps only what `K8sFacts` needs (`pod.rs`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -13,11 +15,20 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Notify, watch};
 
-use super::config::PodSource;
+use super::PodSource;
 use super::pod::{PodEntry, PodRejected, strip_runtime_prefix};
 use super::status::{K8sStatus, Stream, StreamStatus};
 use crate::metrics::NodeMetrics;
 use crate::policy::K8sFacts;
+
+/// Which pods an index holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// One node's pods (a node daemon's index).
+    Node(String),
+    /// Every pod of the cluster (the server's index).
+    Cluster,
+}
 
 /// Pods refused for naming another node are remembered (for a precise error) up to this many.
 const MAX_FOREIGN: usize = 1024;
@@ -31,6 +42,12 @@ pub enum LookupError {
     PodUnknown { pod_uid: String },
     #[error("pod {pod_uid} is scheduled on node {node:?}, not on this node")]
     OtherNode { pod_uid: String, node: String },
+    #[error("pod {pod_uid} is scheduled on node {node:?}, not on node {expected:?}")]
+    NotOnNode {
+        pod_uid: String,
+        node: String,
+        expected: String,
+    },
     #[error("container {container_id} is not (yet) in pod {namespace}/{pod_name} ({pod_uid})")]
     ContainerUnknown {
         pod_uid: String,
@@ -90,7 +107,7 @@ pub struct PodIndex {
 
 struct Inner {
     cluster: String,
-    node: String,
+    scope: Scope,
     source: PodSource,
     state: RwLock<State>,
     status: Mutex<Vec<StreamStatus>>,
@@ -126,6 +143,15 @@ struct State {
 impl PodIndex {
     /// An empty index for `node` of `cluster`, to be fed by `source`.
     pub fn new(cluster: impl Into<String>, node: impl Into<String>, source: PodSource) -> Self {
+        Self::with_scope(cluster, Scope::Node(node.into()), source)
+    }
+
+    /// An empty index of every pod of `cluster`, fed by the API server.
+    pub fn cluster_wide(cluster: impl Into<String>) -> Self {
+        Self::with_scope(cluster, Scope::Cluster, PodSource::Api)
+    }
+
+    fn with_scope(cluster: impl Into<String>, scope: Scope, source: PodSource) -> Self {
         let streams = match source {
             PodSource::Api => vec![
                 StreamStatus::new(Stream::Pods),
@@ -136,7 +162,7 @@ impl PodIndex {
         Self {
             inner: Arc::new(Inner {
                 cluster: cluster.into(),
-                node: node.into(),
+                scope,
                 source,
                 state: RwLock::new(State::default()),
                 status: Mutex::new(streams),
@@ -147,14 +173,22 @@ impl PodIndex {
         }
     }
 
-    /// The node this index serves.
-    pub fn node_name(&self) -> &str {
-        &self.inner.node
+    /// Which pods this index holds.
+    pub fn scope(&self) -> &Scope {
+        &self.inner.scope
+    }
+
+    /// The node whose pods alone this index holds, if it holds one node's.
+    fn only_node(&self) -> Option<&str> {
+        match &self.inner.scope {
+            Scope::Node(node) => Some(node),
+            Scope::Cluster => None,
+        }
     }
 
     /// Adds or replaces one pod (a watch `ADDED`/`MODIFIED`).
     pub fn apply_pod(&self, pod: &Pod) -> Result<(), PodRejected> {
-        let entry = PodEntry::from_pod(pod, &self.inner.node);
+        let entry = PodEntry::from_pod(pod, self.only_node());
         {
             let mut st = self.write();
             match entry {
@@ -190,7 +224,7 @@ impl PodIndex {
         let mut next = State::default();
         let mut outcome = Replaced::default();
         for pod in pods {
-            match PodEntry::from_pod(&pod, &self.inner.node) {
+            match PodEntry::from_pod(&pod, self.only_node()) {
                 Ok(entry) => {
                     next.insert(entry);
                     outcome.indexed += 1;
@@ -255,8 +289,28 @@ impl PodIndex {
         self.changed();
     }
 
-    /// Resolves a caller from its cgroup's pod UID and container ID, now.
+    /// Resolves a caller from its cgroup's pod UID and container ID, now. A node's index
+    /// answers for its node; the cluster's for whichever node the pod runs on.
     pub fn lookup(&self, pod_uid: &str, container_id: &str) -> Result<K8sFacts, LookupError> {
+        self.resolve(None, pod_uid, container_id)
+    }
+
+    /// Like `lookup`, and the pod must be scheduled on `node`.
+    pub fn lookup_on(
+        &self,
+        node: &str,
+        pod_uid: &str,
+        container_id: &str,
+    ) -> Result<K8sFacts, LookupError> {
+        self.resolve(Some(node), pod_uid, container_id)
+    }
+
+    fn resolve(
+        &self,
+        on_node: Option<&str>,
+        pod_uid: &str,
+        container_id: &str,
+    ) -> Result<K8sFacts, LookupError> {
         let container_id = strip_runtime_prefix(container_id);
         let st = self.read();
         if !st.pods_synced {
@@ -271,7 +325,7 @@ impl PodIndex {
                 owner_uid: owner.to_string(),
             })
         };
-        let entries = match st.pods.get(pod_uid) {
+        let all = match st.pods.get(pod_uid) {
             Some(entries) => entries,
             None => {
                 if let Some(node) = st.foreign.get(pod_uid) {
@@ -288,11 +342,35 @@ impl PodIndex {
                 });
             }
         };
-        let [pod] = entries.as_slice() else {
-            return Err(LookupError::Ambiguous {
-                pod_uid: pod_uid.to_owned(),
-                count: entries.len(),
-            });
+        // Only pods on the asked-for node count: a pod elsewhere claiming the same kernel UID
+        // (a mirror pod's annotation) can neither stand in for this one nor make it ambiguous.
+        let entries: Vec<&PodEntry> = all
+            .iter()
+            .filter(|e| on_node.is_none_or(|n| *e.node == *n))
+            .collect();
+        let pod = match (entries.as_slice(), on_node) {
+            ([pod], _) => *pod,
+            ([], Some(expected)) => {
+                let node = all.first().map(|e| e.node.to_string()).unwrap_or_default();
+                return Err(match self.only_node() {
+                    // A node's own index holds nothing of another node's.
+                    Some(own) if own == expected => LookupError::OtherNode {
+                        pod_uid: pod_uid.to_owned(),
+                        node,
+                    },
+                    _ => LookupError::NotOnNode {
+                        pod_uid: pod_uid.to_owned(),
+                        node,
+                        expected: expected.to_owned(),
+                    },
+                });
+            }
+            (more, _) => {
+                return Err(LookupError::Ambiguous {
+                    pod_uid: pod_uid.to_owned(),
+                    count: more.len(),
+                });
+            }
         };
         let terminated = |what: String| LookupError::Terminated {
             pod_uid: pod_uid.to_owned(),
@@ -341,7 +419,7 @@ impl PodIndex {
         };
         Ok(K8sFacts {
             cluster: self.inner.cluster.clone(),
-            node_name: self.inner.node.clone(),
+            node_name: pod.node.to_string(),
             namespace: pod.namespace.to_string(),
             namespace_labels,
             service_account: pod.service_account.to_string(),
@@ -364,12 +442,34 @@ impl PodIndex {
         container_id: &str,
         timeout: Duration,
     ) -> Result<K8sFacts, LookupError> {
+        self.wait_for_in(None, pod_uid, container_id, timeout).await
+    }
+
+    /// Like `wait_for`, and the pod must be scheduled on `node`.
+    pub async fn wait_for_on(
+        &self,
+        node: &str,
+        pod_uid: &str,
+        container_id: &str,
+        timeout: Duration,
+    ) -> Result<K8sFacts, LookupError> {
+        self.wait_for_in(Some(node), pod_uid, container_id, timeout)
+            .await
+    }
+
+    async fn wait_for_in(
+        &self,
+        on_node: Option<&str>,
+        pod_uid: &str,
+        container_id: &str,
+        timeout: Duration,
+    ) -> Result<K8sFacts, LookupError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut changes = self.inner.generation.subscribe();
         loop {
             // Marked seen before looking, so an update between the two is not missed.
             changes.borrow_and_update();
-            let err = match self.lookup(pod_uid, container_id) {
+            let err = match self.resolve(on_node, pod_uid, container_id) {
                 Ok(facts) => return Ok(facts),
                 Err(e) if !e.may_resolve_later() => return Err(e),
                 Err(e) => e,
@@ -446,10 +546,16 @@ impl PodIndex {
 
     /// Exports `agentid_node_pod_index_pods` and `agentid_node_pod_source_up` through `metrics`.
     pub fn attach_metrics(&self, metrics: &NodeMetrics) {
-        let _ = self.inner.gauges.set(Gauges {
-            pods: metrics.pod_index_pods.clone(),
-            source_up: metrics.pod_source_up.clone(),
-        });
+        self.attach_gauges(
+            metrics.pod_index_pods.clone(),
+            metrics.pod_source_up.clone(),
+        );
+    }
+
+    /// Keeps `pods` at the number of indexed pods and `source_up` at 1 while every stream of
+    /// the source answers (0 otherwise).
+    pub fn attach_gauges(&self, pods: Gauge, source_up: Gauge) {
+        let _ = self.inner.gauges.set(Gauges { pods, source_up });
         self.update_gauges();
     }
 
@@ -574,7 +680,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::k8s::pod::{LAST_APPLIED_ANNOTATION, MIRROR_ANNOTATION};
+    use crate::k8s::pod::{LAST_APPLIED_ANNOTATION, MIRROR_ANNOTATION};
     use k8s_openapi::api::core::v1::{
         Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
         ContainerStatus, EphemeralContainer, PodSpec, PodStatus,
@@ -969,6 +1075,57 @@ mod tests {
         );
         index.delete_pod(&impostor);
         assert!(index.lookup(static_uid, &cid(1)).is_ok());
+    }
+
+    #[test]
+    fn a_cluster_index_holds_every_node_and_checks_the_one_asked_for() {
+        let index = PodIndex::cluster_wide("prod");
+        index.replace_namespaces([namespace("agents", &[])]);
+        let mut unscheduled = pod("u-3", "pending", NODE, "");
+        unscheduled.spec.as_mut().unwrap().node_name = None;
+        index.replace_pods([
+            pod(UID, "a", NODE, &cid(1)),
+            pod("u-2", "b", "node-b", &cid(2)),
+            unscheduled,
+        ]);
+        assert_eq!(index.len(), 3);
+        let facts = index.lookup_on(NODE, UID, &cid(1)).unwrap();
+        assert_eq!(facts.node_name, NODE);
+        assert_eq!(index.lookup(UID, &cid(1)).unwrap(), facts);
+        assert_eq!(
+            index.lookup_on("node-b", "u-2", &cid(2)).unwrap().node_name,
+            "node-b"
+        );
+        assert_eq!(
+            index.lookup_on("node-b", UID, &cid(1)),
+            Err(LookupError::NotOnNode {
+                pod_uid: UID.into(),
+                node: NODE.into(),
+                expected: "node-b".into()
+            })
+        );
+        assert!(matches!(
+            index.lookup_on("node-b", "u-2", &cid(1)),
+            Err(LookupError::ContainerInOtherPod { .. })
+        ));
+        assert!(matches!(
+            index.lookup_on(NODE, "u-3", &cid(9)),
+            Err(LookupError::NotOnNode { node, .. }) if node.is_empty()
+        ));
+        // A mirror pod on another node claiming this pod's UID is not a candidate.
+        let mut mirror = pod("u-4", "mirror", "node-b", &cid(4));
+        mirror
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(MIRROR_ANNOTATION.into(), UID.into());
+        index.apply_pod(&mirror).unwrap();
+        assert!(index.lookup_on(NODE, UID, &cid(1)).is_ok());
+        assert!(matches!(
+            index.lookup(UID, &cid(1)),
+            Err(LookupError::Ambiguous { count: 2, .. })
+        ));
     }
 
     #[test]

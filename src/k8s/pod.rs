@@ -35,6 +35,8 @@ pub(crate) struct PodEntry {
     pub(crate) namespace: Box<str>,
     pub(crate) name: Box<str>,
     pub(crate) service_account: Box<str>,
+    /// `spec.nodeName`; empty while the pod is not scheduled.
+    pub(crate) node: Box<str>,
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) annotations: BTreeMap<String, String>,
     /// `Succeeded` or `Failed`: no process of this pod runs any more.
@@ -56,8 +58,8 @@ pub(crate) struct ContainerEntry {
 }
 
 impl PodEntry {
-    /// Trims `pod` to an entry, refusing it unless it is scheduled on `this_node`.
-    pub(crate) fn from_pod(pod: &Pod, this_node: &str) -> Result<Self, PodRejected> {
+    /// Trims `pod` to an entry; with `only_node`, refuses it unless it is scheduled there.
+    pub(crate) fn from_pod(pod: &Pod, only_node: Option<&str>) -> Result<Self, PodRejected> {
         let meta = &pod.metadata;
         let namespace = meta.namespace.clone().unwrap_or_default();
         let name = meta.name.clone().unwrap_or_default();
@@ -67,7 +69,7 @@ impl PodEntry {
         let empty_spec = PodSpec::default();
         let spec = pod.spec.as_ref().unwrap_or(&empty_spec);
         let node = spec.node_name.as_deref().unwrap_or_default();
-        if node != this_node {
+        if only_node.is_some_and(|n| n != node) {
             return Err(PodRejected::OtherNode {
                 namespace,
                 name,
@@ -124,6 +126,7 @@ impl PodEntry {
             namespace: namespace.into(),
             name: name.into(),
             service_account: service_account.into(),
+            node: node.into(),
             labels: meta.labels.clone().unwrap_or_default(),
             annotations,
             finished_phase,
@@ -147,6 +150,7 @@ impl PodEntry {
             + self.namespace.len()
             + self.name.len()
             + self.service_account.len()
+            + self.node.len()
             + map(&self.labels)
             + map(&self.annotations)
             + self

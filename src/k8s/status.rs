@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
-use super::config::PodSource;
+use super::PodSource;
 
 /// One stream feeding the index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
