@@ -266,6 +266,38 @@ pub struct ServerArgs {
     pub node_svid_ttl: Duration,
     #[command(flatten)]
     pub rotation: RotationArgs,
+    #[command(flatten)]
+    pub k8s: ServerK8sArgs,
+}
+
+/// Kubernetes node attestation and pod checks of `agentid server`.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Kubernetes nodes (on with --cluster-name)")]
+pub struct ServerK8sArgs {
+    /// The cluster's name: node SVIDs are spiffe://<td>/agentid/node/<cluster>/<node>, and
+    /// policies and composite identities state it. Turns on Kubernetes node attestation and
+    /// the server's watch of the cluster's pods; without it, only hosts can join.
+    #[arg(long, env = "AGENTID_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// The audience node daemons' projected service-account tokens must carry.
+    #[arg(long, env = "AGENTID_NODE_TOKEN_AUDIENCE", default_value = crate::server::cluster::DEFAULT_NODE_TOKEN_AUDIENCE)]
+    pub node_token_audience: String,
+    /// The node daemons' service account, NAMESPACE/NAME (the Helm chart's is
+    /// <release namespace>/<release>-node).
+    #[arg(long, env = "AGENTID_NODE_SERVICE_ACCOUNT", default_value = crate::server::cluster::DEFAULT_NODE_SERVICE_ACCOUNT)]
+    pub node_service_account: String,
+    /// How long a pod the server's view does not know yet is waited for.
+    #[arg(long, env = "AGENTID_POD_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub pod_wait: Duration,
+    /// API server URL (default: kubeconfig or in-cluster configuration).
+    #[arg(long, env = "AGENTID_KUBE_API_URL")]
+    pub kube_api_url: Option<String>,
+    /// CA bundle (PEM) for --kube-api-url.
+    #[arg(long, env = "AGENTID_KUBE_CA_FILE")]
+    pub kube_ca_file: Option<PathBuf>,
+    /// Bearer token file for --kube-api-url (re-read as it rotates).
+    #[arg(long, env = "AGENTID_KUBE_TOKEN_FILE")]
+    pub kube_token_file: Option<PathBuf>,
 }
 
 /// `agentid node` flags.

@@ -155,6 +155,8 @@ fn config_or_other(e: anyhow::Error) -> Failure {
                 .is_some()
             || c.downcast_ref::<agentid::server::AuthorityConfigError>()
                 .is_some()
+            || c.downcast_ref::<agentid::server::cluster::ClusterConfigError>()
+                .is_some()
     });
     if config {
         Failure::Config(e)

@@ -376,6 +376,11 @@ fn server_deployment_runs_the_authority_on_kubernetes_storage() {
         Some(flag(&f, "node-token-audience")),
         token.audience.as_deref()
     );
+    // And only the node daemons' service account may attest nodes.
+    assert_eq!(
+        flag(&f, "node-service-account"),
+        format!("{NS}/{}", ds_pod.service_account_name.as_deref().unwrap())
+    );
 
     let (add, drop) = caps(c);
     assert!(add.is_empty(), "the server needs no capability: {add:?}");

@@ -7,9 +7,11 @@ use anyhow::{Context, bail};
 
 use crate::api::node as pb;
 use crate::api::node::server_admin_client::ServerAdminClient;
-use crate::cli::{NodeArgs, ServerArgs};
+use crate::cli::{NodeArgs, ServerArgs, ServerK8sArgs};
+use crate::k8s::ApiConfig;
 use crate::node::remote::NodeCredential;
 use crate::node::run::{Node, NodeConfig};
+use crate::server::cluster::ClusterConfig;
 use crate::server::run::{ServerConfig, ServerDaemon, StoreSpec};
 use crate::server::{Authority, AuthorityConfig};
 use crate::spiffe::TrustDomain;
@@ -29,7 +31,37 @@ pub fn server_config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
     c.node_svid_ttl = args.node_svid_ttl;
     c.authority = args.rotation.config();
     c.authority.validate()?;
+    c.k8s = cluster_config(args.k8s)?;
     Ok(c)
+}
+
+/// The server's Kubernetes settings: on with `--cluster-name`, else none (hosts only).
+fn cluster_config(k: ServerK8sArgs) -> anyhow::Result<Option<ClusterConfig>> {
+    let Some(name) = k.cluster_name else {
+        let given = [
+            ("--kube-api-url", k.kube_api_url.is_some()),
+            ("--kube-ca-file", k.kube_ca_file.is_some()),
+            ("--kube-token-file", k.kube_token_file.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+            bail!("{flag} is only used with --cluster-name (Kubernetes node attestation)");
+        }
+        return Ok(None);
+    };
+    let mut c = ClusterConfig::new(name);
+    c.node_token_audience = k.node_token_audience;
+    c.node_service_account = k
+        .node_service_account
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--node-service-account {e}"))?;
+    c.pod_wait = k.pod_wait;
+    c.api = ApiConfig {
+        url: k.kube_api_url,
+        ca_file: k.kube_ca_file,
+        token_file: k.kube_token_file,
+    };
+    c.validate()?;
+    Ok(Some(c))
 }
 
 /// Builds the server and prints its banner.

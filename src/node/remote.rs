@@ -136,49 +136,16 @@ impl RemoteIssuer {
                 source,
             })?;
 
+        let attestor = Attestor {
+            config: config.clone(),
+            host: host.clone(),
+            port,
+            trust: trust.clone(),
+            accept: accept_server.clone(),
+        };
         let (chain, key, bundle) = match load_node_svid(&config.state_dir) {
             Some((chain, key)) => (chain, key, config.server_bundle.clone()),
-            None => {
-                let plain = tls::client_config(None, trust.clone(), accept_server.clone())?;
-                let mut client = NodeClient::new(channel(&host, port, plain));
-                let key =
-                    PrivateKey::generate().map_err(|e| RemoteError::BadAnswer(e.to_string()))?;
-                let credential = match &config.credential {
-                    NodeCredential::JoinToken(t) => {
-                        pb::attest_request::Credential::JoinToken(t.clone())
-                    }
-                    NodeCredential::K8sTokenFile(path) => {
-                        let token = std::fs::read_to_string(path).map_err(|source| {
-                            RemoteError::Credential {
-                                path: path.clone(),
-                                source,
-                            }
-                        })?;
-                        pb::attest_request::Credential::K8sServiceAccountToken(
-                            token.trim().to_owned(),
-                        )
-                    }
-                };
-                let svid = client
-                    .attest(pb::AttestRequest {
-                        credential: Some(credential),
-                        public_key: key.spki_der(),
-                        node_name: config.node_name.clone(),
-                    })
-                    .await
-                    .map_err(|s| match s.code() {
-                        tonic::Code::Unavailable | tonic::Code::Unknown => {
-                            RemoteError::Unreachable(s.message().to_owned())
-                        }
-                        _ => RemoteError::Refused(s.message().to_owned()),
-                    })?
-                    .into_inner();
-                let bundle = SpiffeBundle::from_json(&svid.bundle)
-                    .map_err(|e| RemoteError::BadAnswer(e.to_string()))?;
-                store_node_svid(&config.state_dir, &svid.cert_chain, &key.pkcs8_der())?;
-                tracing::info!(node = %svid.spiffe_id, "node attested");
-                (svid.cert_chain, key.pkcs8_der(), bundle)
-            }
+            None => attestor.attest().await?,
         };
         trust.replace(&bundle)?;
         let identity = Identity::new(&chain, &key)?;
@@ -214,12 +181,15 @@ impl RemoteIssuer {
             .changed()
             .await
             .map_err(|_| RemoteError::Unreachable("sync ended".into()))?;
+        // A join token is single use; a service-account token file holds a fresh token.
+        let reattest = matches!(config.credential, NodeCredential::K8sTokenFile(_));
         tokio::spawn(renew(
             client.clone(),
             identity,
             config.state_dir.clone(),
             chain,
             status.clone(),
+            reattest.then_some(attestor),
         ));
         Ok((
             Self {
@@ -230,6 +200,57 @@ impl RemoteIssuer {
             },
             policy_rx,
         ))
+    }
+}
+
+/// Node attestation: the credential presented on a connection without a client certificate.
+#[derive(Clone)]
+struct Attestor {
+    config: RemoteConfig,
+    host: String,
+    port: u16,
+    trust: Trust,
+    accept: Accept,
+}
+
+impl Attestor {
+    /// Attests with the configured credential (a token file is read now, so a rotated token is
+    /// used) and stores the new node SVID; returns its chain, key and the trust bundle.
+    async fn attest(&self) -> Result<(Vec<Vec<u8>>, Vec<u8>, SpiffeBundle), RemoteError> {
+        let config = &self.config;
+        let plain = tls::client_config(None, self.trust.clone(), self.accept.clone())?;
+        let mut client = NodeClient::new(channel(&self.host, self.port, plain));
+        let key = PrivateKey::generate().map_err(|e| RemoteError::BadAnswer(e.to_string()))?;
+        let credential = match &config.credential {
+            NodeCredential::JoinToken(t) => pb::attest_request::Credential::JoinToken(t.clone()),
+            NodeCredential::K8sTokenFile(path) => {
+                let token =
+                    std::fs::read_to_string(path).map_err(|source| RemoteError::Credential {
+                        path: path.clone(),
+                        source,
+                    })?;
+                pb::attest_request::Credential::K8sServiceAccountToken(token.trim().to_owned())
+            }
+        };
+        let svid = client
+            .attest(pb::AttestRequest {
+                credential: Some(credential),
+                public_key: key.spki_der(),
+                node_name: config.node_name.clone(),
+            })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::Unavailable | tonic::Code::Unknown => {
+                    RemoteError::Unreachable(s.message().to_owned())
+                }
+                _ => RemoteError::Refused(s.message().to_owned()),
+            })?
+            .into_inner();
+        let bundle = SpiffeBundle::from_json(&svid.bundle)
+            .map_err(|e| RemoteError::BadAnswer(e.to_string()))?;
+        store_node_svid(&config.state_dir, &svid.cert_chain, &key.pkcs8_der())?;
+        tracing::info!(node = %svid.spiffe_id, "node attested");
+        Ok((svid.cert_chain, key.pkcs8_der(), bundle))
     }
 }
 
@@ -435,13 +456,16 @@ impl Sync {
     }
 }
 
-/// Renews the node SVID at about half its lifetime, retrying with backoff.
+/// Renews the node SVID at about half its lifetime, retrying with backoff. Once it has expired
+/// (the server was away longer than its lifetime), renewing cannot work any more: a node that
+/// can attest again (`reattest`, a Kubernetes node with its token file) does so.
 async fn renew(
     mut client: NodeClient<Channel>,
     identity: Identity,
     dir: PathBuf,
     mut chain: Vec<Vec<u8>>,
     status: Arc<SyncStatus>,
+    reattest: Option<Attestor>,
 ) {
     loop {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -452,7 +476,23 @@ async fn renew(
         .await;
         let mut backoff = BACKOFF_MIN;
         loop {
-            match renew_once(&mut client, &identity, &dir).await {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let attempt = match &reattest {
+                Some(a) if expiry(&chain) <= now => {
+                    tracing::info!("the node SVID has expired; attesting again");
+                    a.attest()
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|(new, key, bundle)| {
+                            identity.replace(&new, &key).map_err(|e| e.to_string())?;
+                            // The bundle comes with the SVID; the sync stream keeps it current.
+                            a.trust.replace(&bundle).map_err(|e| e.to_string())?;
+                            Ok(new)
+                        })
+                }
+                _ => renew_once(&mut client, &identity, &dir).await,
+            };
+            match attempt {
                 Ok(new) => {
                     status
                         .node_svid_expiry

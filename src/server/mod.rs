@@ -1,11 +1,14 @@
-//! The trust-domain authority: keys and their rotation, signing, node attestation, and the
-//! node API.
+//! The trust-domain authority: keys and their rotation, signing, node attestation (join tokens
+//! for hosts, service-account tokens for Kubernetes nodes), its own view of the cluster, and
+//! the node API.
 mod authority;
+pub mod cluster;
 pub mod join;
 mod keys;
 mod legacy;
 pub mod listen;
 pub mod node_api;
+pub mod node_auth;
 mod rotation;
 pub mod run;
 mod state;

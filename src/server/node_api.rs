@@ -4,7 +4,11 @@
 //! request names the workload's facts; the server evaluates its own policies for them, checks
 //! the requested identity is one they give, checks the composite identity the node reports
 //! against the policy (declared values, pins, placement) and encodes the composite claims
-//! itself. A node attested by join token is a host: it can never claim a pod.
+//! itself. A node attested by join token is a host: it can never claim a pod. A Kubernetes
+//! node may claim only pods the server's own view of the cluster shows scheduled on it, and
+//! the pod's facts (namespace, service account, labels, image, placement) come from that view;
+//! the node's word counts only for the process's unix facts and the digests of files inside
+//! the container.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,6 +20,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use super::authority::Authority;
+use super::cluster::{Cluster, PodCheckError};
 use super::join::{JoinError, JoinTokens};
 use super::listen::NodePeer;
 use crate::api::convert;
@@ -23,9 +28,9 @@ use crate::api::node as pb;
 use crate::audit::{
     Action, AuditEvent, AuditLog, Credential, CredentialKind, Decision, Delegation, Identity,
 };
-use crate::composite::{self, CompositeIdentity};
+use crate::composite::{self, CompositeIdentity, K8s, Pod, Unix};
 use crate::crypto::x509::{CertInfo, check_p256_spki};
-use crate::policy::{Attested, Entitlement, PolicySet, WorkloadFacts};
+use crate::policy::{Attested, CompositeSpec, Declared, Entitlement, PolicySet, WorkloadFacts};
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::token::{self, FanOut};
 
@@ -88,6 +93,8 @@ pub struct NodeApi {
     audit: AuditLog,
     fan_out: Arc<FanOut>,
     node_ttl: Duration,
+    /// The cluster's pods and node attestation; `None`: hosts only.
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// A workload the server has checked: its facts, the policy entitlement and composite.
@@ -104,6 +111,7 @@ impl NodeApi {
         joins: Arc<JoinTokens>,
         audit: AuditLog,
         node_ttl: Duration,
+        cluster: Option<Arc<Cluster>>,
     ) -> Self {
         Self {
             td: authority.trust_domain().clone(),
@@ -113,6 +121,7 @@ impl NodeApi {
             audit,
             fan_out: Arc::new(FanOut::new()),
             node_ttl,
+            cluster,
         }
     }
 
@@ -168,8 +177,7 @@ impl NodeApi {
     }
 
     /// Checks a signing request's workload and requested identity against the policies.
-    #[allow(clippy::result_large_err)]
-    fn check(
+    async fn check(
         &self,
         node: &NodeKind,
         spiffe_id: &str,
@@ -180,20 +188,22 @@ impl NodeApi {
             Status::invalid_argument(format!("invalid spiffe_id {spiffe_id:?}: {e}"))
         })?;
         let claims_pod = !w.pod_uid.is_empty() || !w.container_id.is_empty();
-        let facts = match node {
-            NodeKind::Host { .. } if claims_pod => {
+        let unix = Some(convert::unix_facts(w));
+        let facts = match (node, claims_pod) {
+            // A process outside any pod, on a host or a Kubernetes node: its unix facts are
+            // all there is, and only unix selectors can match them.
+            (_, false) => WorkloadFacts { unix, k8s: None },
+            (NodeKind::Host { .. }, true) => {
                 return Err(Status::permission_denied(
                     "a host node (attested by join token) cannot claim Kubernetes pods",
                 ));
             }
-            NodeKind::Host { .. } => WorkloadFacts {
-                unix: Some(convert::unix_facts(w)),
-                k8s: None,
-            },
-            NodeKind::K8s { .. } => {
-                return Err(Status::failed_precondition(
-                    "this server does not verify Kubernetes workloads yet",
-                ));
+            (NodeKind::K8s { cluster, name }, true) => {
+                let k8s = self.pod_facts(cluster, name, w).await?;
+                WorkloadFacts {
+                    unix,
+                    k8s: Some(k8s),
+                }
             }
         };
         let policies = self.policies.borrow().clone();
@@ -210,6 +220,39 @@ impl NodeApi {
             composite,
             facts,
         })
+    }
+
+    /// The facts of the pod a Kubernetes node claims, from the server's own view: the pod must
+    /// exist, be scheduled on that node, and list that container.
+    async fn pod_facts(
+        &self,
+        cluster: &str,
+        node: &str,
+        w: &pb::Workload,
+    ) -> Result<crate::policy::K8sFacts, Status> {
+        let Some(view) = &self.cluster else {
+            return Err(Status::failed_precondition(
+                "this server has no view of a Kubernetes cluster (start it with --cluster-name), \
+                 so it cannot verify pods",
+            ));
+        };
+        if cluster != view.name() {
+            return Err(Status::permission_denied(format!(
+                "the node belongs to cluster {cluster:?}; this server verifies pods of {:?}",
+                view.name()
+            )));
+        }
+        if w.pod_uid.is_empty() || w.container_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "pod_uid and container_id must be given together",
+            ));
+        }
+        view.verify_pod(node, &w.pod_uid, &w.container_id)
+            .await
+            .map_err(|e| match e {
+                PodCheckError::Unavailable { .. } => Status::unavailable(e.to_string()),
+                _ => Status::permission_denied(e.to_string()),
+            })
     }
 
     fn audit_signed(&self, node: &SpiffeId, c: &Checked, credential: Credential, policy: &str) {
@@ -238,70 +281,106 @@ impl NodeApi {
     }
 }
 
-/// The composite identity a node reports must be what the policy declares and allows, for
-/// the facts the server checked. Digests of files only the node can see are taken as
-/// reported, and must satisfy the pins.
+/// The composite identity a node reports must be exactly what the server derives from the
+/// facts it checked and the declarations (pod annotations, then the policy): placement, image
+/// digest, model and agent. Digests of files only the node can see are taken as reported, must
+/// be present exactly when files are declared, and must satisfy the pins.
 #[allow(clippy::result_large_err)]
 fn check_composite(
     e: &Entitlement,
     facts: &WorkloadFacts,
     reported: Option<&CompositeIdentity>,
 ) -> Result<(), Status> {
-    let denied = |m: String| {
-        Err(Status::permission_denied(format!(
-            "composite identity: {m}"
-        )))
-    };
-    let Some(spec) = &e.composite else {
-        if reported.is_some() {
-            return denied(format!("policy {} declares none", e.policy));
+    let denied = |m: String| Status::permission_denied(format!("composite identity: {m}"));
+    let empty = CompositeSpec::default();
+    // What the server itself knows of the workload: placement, image, declarations.
+    let (declared, base) = match (&facts.k8s, e.composite.as_deref()) {
+        // A pod always has one: its image and placement at least.
+        (Some(k8s), spec) => {
+            let declared =
+                Declared::by_pod(k8s, spec.unwrap_or(&empty)).map_err(|d| denied(d.to_string()))?;
+            let placement = K8s {
+                cluster: k8s.cluster.clone(),
+                namespace: k8s.namespace.clone(),
+                serviceaccount: k8s.service_account.clone(),
+                pod: Pod {
+                    name: k8s.pod_name.clone(),
+                    uid: k8s.pod_uid.clone(),
+                },
+                node: k8s.node_name.clone(),
+                container: Some(k8s.container_name.clone()).filter(|c| !c.is_empty()),
+            };
+            let base = CompositeIdentity {
+                image_digest: k8s.image_digest.clone(),
+                k8s: Some(placement),
+                ..CompositeIdentity::new()
+            };
+            (declared, base)
         }
-        return Ok(());
+        (None, None) => {
+            if reported.is_some() {
+                return Err(denied(format!("policy {} declares none", e.policy)));
+            }
+            return Ok(());
+        }
+        (None, Some(spec)) => {
+            let unix = facts.unix.clone().unwrap_or_default();
+            let base = CompositeIdentity {
+                unix: Some(Unix {
+                    uid: unix.uid,
+                    gid: unix.gid,
+                    path: unix.path.unwrap_or_default(),
+                    sha256: unix.sha256.unwrap_or_default(),
+                }),
+                ..CompositeIdentity::new()
+            };
+            (Declared::by_policy(spec), base)
+        }
     };
     let Some(id) = reported else {
-        return denied(format!(
+        return Err(denied(format!(
             "policy {} declares one and none was reported",
             e.policy
-        ));
+        )));
     };
-    if let Some(unix) = &facts.unix
-        && facts.k8s.is_none()
+    let hashed = |digest: &Option<String>, files: &[String]| digest.is_some() != files.is_empty();
+    if !hashed(&id.config_digest, &declared.config_files)
+        || !hashed(&id.tools_digest, &declared.tools_files)
     {
-        let placed = id.unix.as_ref();
-        let matches = placed.is_some_and(|p| {
-            p.uid == unix.uid
-                && p.gid == unix.gid
-                && Some(&p.path) == unix.path.as_ref()
-                && Some(&p.sha256) == unix.sha256.as_ref()
-        });
-        if !matches || id.k8s.is_some() {
-            return denied("its placement is not the workload's".into());
-        }
-        let model = id
-            .model
-            .as_ref()
-            .map(|m| format!("{}/{}", m.provider, m.id));
-        let agent = id.agent.as_ref();
-        if model != spec.model
-            || agent.map(|a| &a.name) != spec.agent_name.as_ref()
-            || agent.and_then(|a| a.version.as_ref()) != spec.agent_version.as_ref()
-        {
-            return denied(format!(
-                "model or agent differ from what policy {} declares",
-                e.policy
-            ));
-        }
-        let hashed =
-            |digest: &Option<String>, files: &[String]| digest.is_some() != files.is_empty();
-        if !hashed(&id.config_digest, &spec.config_files)
-            || !hashed(&id.tools_digest, &spec.tools_files)
-        {
-            return denied(format!(
-                "digests differ from the files policy {} declares",
-                e.policy
-            ));
-        }
+        return Err(denied(format!(
+            "digests differ from the files policy {} and the pod declare",
+            e.policy
+        )));
     }
+    let expected = CompositeIdentity {
+        agent: declared.agent(),
+        model: declared.model().map_err(|d| denied(d.to_string()))?,
+        config_digest: id.config_digest.clone(),
+        tools_digest: id.tools_digest.clone(),
+        ..base
+    };
+    if *id != expected {
+        let differ = [
+            (
+                "placement",
+                id.k8s != expected.k8s || id.unix != expected.unix,
+            ),
+            ("image digest", id.image_digest != expected.image_digest),
+            ("model", id.model != expected.model),
+            ("agent", id.agent != expected.agent),
+            ("version", id.v != expected.v),
+        ];
+        let names: Vec<&str> = differ.iter().filter(|d| d.1).map(|d| d.0).collect();
+        let show =
+            |c: &CompositeIdentity| String::from_utf8_lossy(&c.canonical_json()).into_owned();
+        return Err(denied(format!(
+            "{} reported by the node differ from what the server sees (reported {}, expected {})",
+            names.join(", "),
+            show(id),
+            show(&expected)
+        )));
+    }
+    let spec = e.composite.as_deref().unwrap_or(&empty);
     let model = id
         .model
         .as_ref()
@@ -312,7 +391,7 @@ fn check_composite(
         tools_digest: id.tools_digest.as_deref(),
         image_digest: id.image_digest.as_deref(),
     })
-    .map_err(|p| Status::permission_denied(format!("composite identity: {p}")))
+    .map_err(|p| denied(p.to_string()))
 }
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncResponse, Status>> + Send>>;
@@ -329,7 +408,7 @@ impl pb::node_server::Node for NodeApi {
             .cloned()
             .unwrap_or_default();
         let body = req.into_inner();
-        let who = format!(
+        let mut who = format!(
             "node {:?} from {}",
             body.node_name,
             peer.addr.map(|a| a.to_string()).unwrap_or_default()
@@ -360,14 +439,43 @@ impl pb::node_server::Node for NodeApi {
                 }
                 kind
             }
-            Some(pb::attest_request::Credential::K8sServiceAccountToken(_)) => {
-                return Err(self.refuse(
-                    &who,
-                    "attest",
-                    Status::unimplemented(
-                        "Kubernetes node attestation is not available on this server yet",
-                    ),
-                ));
+            Some(pb::attest_request::Credential::K8sServiceAccountToken(token)) => {
+                let Some(view) = &self.cluster else {
+                    return Err(self.refuse(
+                        &who,
+                        "attest",
+                        Status::failed_precondition(
+                            "Kubernetes node attestation is not configured on this server: start \
+                             it with --cluster-name (and --kube-api-url, or in the cluster)",
+                        ),
+                    ));
+                };
+                let node = view.attest_node(token).await.map_err(|e| {
+                    let status = if e.is_unavailable() {
+                        Status::unavailable(format!("node attestation: {e}"))
+                    } else {
+                        Status::permission_denied(format!("node attestation refused: {e}"))
+                    };
+                    self.refuse(&who, "attest", status)
+                })?;
+                // The name comes from the token's pod; a daemon that calls itself otherwise is
+                // misconfigured, and would index another node's pods than it may claim.
+                if !body.node_name.is_empty() && body.node_name != node.node_name {
+                    return Err(self.refuse(
+                        &who,
+                        "attest",
+                        Status::permission_denied(format!(
+                            "node attestation refused: the token is bound to pod {} on node \
+                             {:?}, but the node daemon calls itself {:?}",
+                            node.pod, node.node_name, body.node_name
+                        )),
+                    ));
+                }
+                who = format!("{who}, token of pod {}", node.pod);
+                NodeKind::K8s {
+                    cluster: view.name().to_owned(),
+                    name: node.node_name,
+                }
             }
             None => {
                 return Err(self.refuse(
@@ -415,6 +523,7 @@ impl pb::node_server::Node for NodeApi {
         let what = format!("X509-SVID {} for node {}", body.spiffe_id, kind.name());
         let checked = self
             .check(&kind, &body.spiffe_id, body.workload.as_ref())
+            .await
             .map_err(|s| self.refuse(&body.spiffe_id, &what, s))?;
         check_p256_spki(&body.public_key).map_err(|e| {
             self.refuse(
@@ -459,6 +568,7 @@ impl pb::node_server::Node for NodeApi {
         }
         let checked = self
             .check(&kind, &body.spiffe_id, body.workload.as_ref())
+            .await
             .map_err(|s| self.refuse(&body.spiffe_id, &what, s))?;
         let mut claims = Map::new();
         if let Some(c) = &checked.composite {
@@ -489,6 +599,7 @@ impl pb::node_server::Node for NodeApi {
         let what = format!("task token for {} via node {}", body.spiffe_id, kind.name());
         let checked = self
             .check(&kind, &body.spiffe_id, body.workload.as_ref())
+            .await
             .map_err(|s| self.refuse(&body.spiffe_id, &what, s))?;
         let caller = token::Caller {
             id: checked.entitlement.spiffe_id.clone(),

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
@@ -17,6 +18,7 @@ use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use super::authority::Authority;
+use super::cluster::{Cluster, ClusterConfig, ClusterError};
 use super::join::JoinTokens;
 use super::keys::AuthorityConfig;
 use super::listen;
@@ -75,6 +77,8 @@ pub struct ServerConfig {
     pub node_svid_ttl: Duration,
     /// Key lifetimes and rotation of the authority.
     pub authority: AuthorityConfig,
+    /// Kubernetes node attestation and pod checks; `None`: hosts only.
+    pub k8s: Option<ClusterConfig>,
 }
 
 impl ServerConfig {
@@ -90,6 +94,7 @@ impl ServerConfig {
             admin_allow_remote: false,
             node_svid_ttl: DEFAULT_NODE_SVID_TTL,
             authority: AuthorityConfig::default(),
+            k8s: None,
         }
     }
 }
@@ -113,6 +118,8 @@ pub enum ServerError {
     AdminSocketInUse { path: PathBuf },
     #[error("loading policies")]
     Policy(#[source] crate::policy::PolicyError),
+    #[error("the cluster view: {0}")]
+    Cluster(#[from] ClusterError),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -131,6 +138,7 @@ pub struct ServerDaemon {
     pub admin_addr: SocketAddr,
     pub policies: Arc<PolicySet>,
     authority: Arc<Authority>,
+    cluster: Option<Arc<Cluster>>,
     node_api: NodeApi,
     admin_api: AdminApi,
     tls: Arc<rustls::ServerConfig>,
@@ -190,6 +198,11 @@ impl ServerDaemon {
             )
             .map_err(|e| anyhow::anyhow!("watching policy files: {e}"))?;
         }
+        let ready = Readiness::default();
+        let cluster = match &config.k8s {
+            Some(k8s) => Some(Arc::new(start_cluster(k8s, &mut registry, &ready).await?)),
+            None => None,
+        };
         let tls = Arc::new(server_tls(&authority)?);
         let listener =
             TcpListener::bind(config.listen)
@@ -211,13 +224,13 @@ impl ServerDaemon {
             joins.clone(),
             audit.clone(),
             config.node_svid_ttl,
+            cluster.clone(),
         );
         let admin_api = AdminApi {
             authority: authority.clone(),
             joins,
             audit,
         };
-        let ready = Readiness::default();
         let admin_addr = admin::spawn(
             config.admin_addr,
             config.admin_allow_remote,
@@ -232,6 +245,7 @@ impl ServerDaemon {
             listen_addr,
             admin_addr,
             authority,
+            cluster,
             node_api,
             admin_api,
             tls,
@@ -259,6 +273,19 @@ impl ServerDaemon {
             "  http       http://{}/ (healthz, readyz, metrics, config)\n",
             self.admin_addr
         );
+        match &self.cluster {
+            Some(c) => {
+                let k = c.config();
+                out += &format!(
+                    "  kubernetes cluster {}: node daemons of {} with tokens for {:?}, pods checked against the API server ({})\n",
+                    k.cluster_name,
+                    k.node_service_account,
+                    k.node_token_audience,
+                    k.api.url.as_deref().unwrap_or("kubeconfig or in-cluster")
+                );
+            }
+            None => out += "  kubernetes off: hosts only (--cluster-name turns it on)\n",
+        }
         out += "  policies\n";
         for p in self.policies.policies() {
             out += &format!("    {:<20} {}\n", p.name, p.origin);
@@ -313,6 +340,29 @@ impl ServerDaemon {
 
 async fn wait(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Starts the server's view of the cluster; its state is part of readiness and metrics.
+async fn start_cluster(
+    config: &ClusterConfig,
+    registry: &mut Registry,
+    ready: &Readiness,
+) -> Result<Cluster, ServerError> {
+    let cluster = Cluster::start(config.clone()).await?;
+    let (pods, up) = (Gauge::default(), Gauge::default());
+    registry.register(
+        "agentid_server_pod_view_pods",
+        "Pods in the server's view of the cluster",
+        pods.clone(),
+    );
+    registry.register(
+        "agentid_server_pod_view_up",
+        "1 while the API server watch answers, else 0 (known pods are still verified)",
+        up.clone(),
+    );
+    cluster.attach_gauges(pods, up);
+    ready.add_check(cluster.readiness_check());
+    Ok(cluster)
 }
 
 /// The TLS side of the node API: the server's own SVID (renewed at half-life), and node
