@@ -374,7 +374,7 @@ fn check_composite(
         let show =
             |c: &CompositeIdentity| String::from_utf8_lossy(&c.canonical_json()).into_owned();
         return Err(denied(format!(
-            "{} reported by the node differ from what the server sees (reported {}, expected {})",
+            "the node's report differs from the server's view in {} (reported {}, expected {})",
             names.join(", "),
             show(id),
             show(&expected)

@@ -5,8 +5,12 @@
 //! Paths: `GET /api/v1/pods` and `GET /api/v1/namespaces`, each as a list (with
 //! `metadata.resourceVersion`, `limit`/`continue`) or, with `watch=true`, as a watch from
 //! `resourceVersion` (ADDED/MODIFIED/DELETED, BOOKMARK when `allowWatchBookmarks=true`);
-//! `fieldSelector=spec.nodeName=<node>` is honoured. `GET /pods` is the kubelet's list of the
-//! pods on `kubelet_node`. Every request needs `Authorization: Bearer <token>` (401 otherwise).
+//! `fieldSelector=spec.nodeName=<node>` is honoured, and without it every pod of the cluster is
+//! served. `GET /api/v1/namespaces/<ns>/pods/<name>` reads one pod. `POST
+//! /apis/authentication.k8s.io/v1/tokenreviews` answers a `TokenReview` with the status the
+//! test configured for its token (`set_token_review`; an unknown token is not authenticated).
+//! `GET /pods` is the kubelet's list of the pods on `kubelet_node`. Every request needs
+//! `Authorization: Bearer <token>` (401 otherwise).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
@@ -22,6 +26,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserInfo};
 use k8s_openapi::api::core::v1::{
     Container, ContainerState, ContainerStateRunning, ContainerStatus, Namespace, Pod, PodSpec,
     PodStatus,
@@ -69,6 +74,10 @@ struct Shared {
     kubelet_node: String,
     requests: Mutex<Vec<String>>,
     unknown_params: Mutex<BTreeSet<String>>,
+    /// What a TokenReview of each token answers.
+    reviews: Mutex<BTreeMap<String, TokenReviewStatus>>,
+    /// Every TokenReview asked for: (token, spec.audiences).
+    reviewed: Mutex<Vec<(String, Vec<String>)>>,
 }
 
 #[derive(Default)]
@@ -111,6 +120,8 @@ impl StandIn {
             kubelet_node: kubelet_node.to_owned(),
             requests: Mutex::new(Vec::new()),
             unknown_params: Mutex::new(BTreeSet::new()),
+            reviews: Mutex::new(BTreeMap::new()),
+            reviewed: Mutex::new(Vec::new()),
         });
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
@@ -246,6 +257,20 @@ impl StandIn {
         *self.shared.token.lock().unwrap() = token.to_owned();
     }
 
+    /// A TokenReview of `token` answers `status` from now on.
+    pub fn set_token_review(&self, token: &str, status: TokenReviewStatus) {
+        self.shared
+            .reviews
+            .lock()
+            .unwrap()
+            .insert(token.to_owned(), status);
+    }
+
+    /// Every TokenReview so far: (token, the audiences it asked for).
+    pub fn reviewed(&self) -> Vec<(String, Vec<String>)> {
+        self.shared.reviewed.lock().unwrap().clone()
+    }
+
     /// Every request so far, as `METHOD path?query`.
     pub fn requests(&self) -> Vec<String> {
         self.shared.requests.lock().unwrap().clone()
@@ -362,6 +387,60 @@ pub fn make_pod(name: &str, namespace: &str, node: &str) -> Pod {
     }
 }
 
+/// What the API server answers for a genuine projected service-account token of
+/// `namespace/account`, bound to `pod`, reviewed for `audiences`: the pod's name and UID as
+/// user extras, and its node's name when `with_node` (Kubernetes ≥ 1.30 adds it).
+pub fn bound_token_review(
+    namespace: &str,
+    account: &str,
+    audiences: &[&str],
+    pod: &Pod,
+    with_node: bool,
+) -> TokenReviewStatus {
+    let mut extra: BTreeMap<String, Vec<String>> = [
+        (
+            "authentication.kubernetes.io/pod-name",
+            pod.metadata.name.clone().unwrap(),
+        ),
+        ("authentication.kubernetes.io/pod-uid", pod_uid(pod)),
+        (
+            "authentication.kubernetes.io/credential-id",
+            format!("JTI={}", uuid::Uuid::new_v4()),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), vec![v]))
+    .collect();
+    if with_node {
+        let node = pod.spec.as_ref().unwrap().node_name.clone().unwrap();
+        extra.insert("authentication.kubernetes.io/node-name".into(), vec![node]);
+    }
+    TokenReviewStatus {
+        authenticated: Some(true),
+        audiences: Some(audiences.iter().map(|a| (*a).to_owned()).collect()),
+        user: Some(UserInfo {
+            username: Some(format!("system:serviceaccount:{namespace}:{account}")),
+            uid: Some(uuid::Uuid::new_v4().to_string()),
+            groups: Some(vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated".into(),
+            ]),
+            extra: Some(extra),
+        }),
+        error: None,
+    }
+}
+
+/// What the API server answers for a token it does not accept.
+pub fn refused_token_review(error: &str) -> TokenReviewStatus {
+    TokenReviewStatus {
+        authenticated: Some(false),
+        error: Some(error.to_owned()),
+        ..TokenReviewStatus::default()
+    }
+}
+
 /// The pod's UID.
 pub fn pod_uid(pod: &Pod) -> String {
     pod.metadata.uid.clone().unwrap()
@@ -416,6 +495,57 @@ fn status_json(code: u16, reason: &str, message: &str) -> Response {
         .into_response()
 }
 
+/// `POST /apis/authentication.k8s.io/v1/tokenreviews`: the configured answer for the token.
+async fn token_review(s: &Shared, req: Request) -> Response {
+    let Ok(body) = axum::body::to_bytes(req.into_body(), 1 << 20).await else {
+        return status_json(400, "BadRequest", "unreadable body");
+    };
+    let mut review: TokenReview = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return status_json(400, "BadRequest", &format!("not a TokenReview: {e}")),
+    };
+    let token = review.spec.token.clone().unwrap_or_default();
+    let audiences = review.spec.audiences.clone().unwrap_or_default();
+    s.reviewed.lock().unwrap().push((token.clone(), audiences));
+    let status = s
+        .reviews
+        .lock()
+        .unwrap()
+        .get(&token)
+        .cloned()
+        .unwrap_or_else(|| refused_token_review("invalid bearer token"));
+    // The API server does not echo the token back.
+    review.spec.token = None;
+    review.status = Some(status);
+    let mut body = serde_json::to_value(&review).unwrap();
+    body["apiVersion"] = json!("authentication.k8s.io/v1");
+    body["kind"] = json!("TokenReview");
+    (
+        StatusCode::CREATED,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// `GET /api/v1/namespaces/<ns>/pods/<name>`.
+fn get_pod(s: &Shared, namespace: &str, name: &str) -> Response {
+    let st = s.store.lock().unwrap();
+    let found = st.pods.values().find(|p| {
+        p.metadata.namespace.as_deref() == Some(namespace)
+            && p.metadata.name.as_deref() == Some(name)
+    });
+    match found {
+        Some(pod) => {
+            let mut body = serde_json::to_value(pod).unwrap();
+            body["apiVersion"] = json!("v1");
+            body["kind"] = json!("Pod");
+            json_response(&body.to_string())
+        }
+        None => status_json(404, "NotFound", &format!("pods \"{name}\" not found")),
+    }
+}
+
 async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or_default().to_owned();
@@ -440,8 +570,18 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
             status_json(401, "Unauthorized", "Unauthorized")
         };
     }
+    if req.method() == axum::http::Method::POST
+        && path == "/apis/authentication.k8s.io/v1/tokenreviews"
+    {
+        return token_review(&s, req).await;
+    }
     if req.method() != axum::http::Method::GET {
         return status_json(405, "MethodNotAllowed", "only GET is served");
+    }
+    if let Some(rest) = path.strip_prefix("/api/v1/namespaces/")
+        && let Some((namespace, name)) = rest.split_once("/pods/")
+    {
+        return get_pod(&s, namespace, name);
     }
     let params = parse_query(&query);
     for (k, _) in &params {
