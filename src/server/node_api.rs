@@ -348,7 +348,7 @@ fn check_composite(
         || !hashed(&id.tools_digest, &declared.tools_files)
     {
         return Err(denied(format!(
-            "digests differ from the files policy {} and the pod declare",
+            "digests differ from the declared files (policy {}, and pod annotations)",
             e.policy
         )));
     }
@@ -732,4 +732,191 @@ fn node_credential(svid: &pb::NodeSvid) -> Credential {
             .not_after(info.not_after.into());
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{K8sFacts, UnixFacts};
+
+    const DIGEST: &str = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    fn entitlement(spec: Option<CompositeSpec>) -> Entitlement {
+        Entitlement {
+            policy: "p".into(),
+            composite: spec.map(Arc::new),
+            spiffe_id: "spiffe://td/agent".parse().unwrap(),
+            hint: String::new(),
+            x509_ttl: Duration::from_secs(60),
+            jwt_ttl: Duration::from_secs(60),
+            token_rules: Arc::new(crate::token::TokenRules::default()),
+        }
+    }
+
+    fn pod_facts() -> WorkloadFacts {
+        WorkloadFacts {
+            unix: Some(UnixFacts::default()),
+            k8s: Some(K8sFacts {
+                cluster: "prod".into(),
+                node_name: "node-a".into(),
+                namespace: "payments".into(),
+                service_account: "agent".into(),
+                pod_name: "refund".into(),
+                pod_uid: "u-1".into(),
+                container_name: "agent".into(),
+                image_digest: Some(DIGEST.into()),
+                pod_annotations: [
+                    (
+                        "agentid.dev/model".to_owned(),
+                        "anthropic/claude".to_owned(),
+                    ),
+                    (
+                        "agentid.dev/config-files".to_owned(),
+                        "/etc/prompt.md".to_owned(),
+                    ),
+                ]
+                .into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// What the node computes for `pod_facts`.
+    fn pod_composite() -> CompositeIdentity {
+        CompositeIdentity {
+            model: composite::Model::parse("anthropic/claude"),
+            config_digest: Some(DIGEST.into()),
+            image_digest: Some(DIGEST.into()),
+            k8s: Some(K8s {
+                cluster: "prod".into(),
+                namespace: "payments".into(),
+                serviceaccount: "agent".into(),
+                pod: Pod {
+                    name: "refund".into(),
+                    uid: "u-1".into(),
+                },
+                node: "node-a".into(),
+                container: Some("agent".into()),
+            }),
+            ..CompositeIdentity::new()
+        }
+    }
+
+    #[track_caller]
+    fn refused(r: Result<(), Status>, why: &str) {
+        let s = r.expect_err(why);
+        assert_eq!(s.code(), tonic::Code::PermissionDenied);
+        assert!(s.message().contains(why), "{:?} lacks {why:?}", s.message());
+    }
+
+    #[test]
+    fn a_pod_composite_must_be_the_servers_view_but_for_file_digests() {
+        let (e, facts) = (entitlement(None), pod_facts());
+        check_composite(&e, &facts, Some(&pod_composite())).unwrap();
+        // The config digest is the node's word: any well-formed value passes without pins.
+        let mut other_config = pod_composite();
+        other_config.config_digest = Some(composite::sha256_digest(b"other"));
+        check_composite(&e, &facts, Some(&other_config)).unwrap();
+
+        refused(check_composite(&e, &facts, None), "none was reported");
+        type Edit = fn(&mut CompositeIdentity);
+        let cases: Vec<(Edit, &str)> = vec![
+            (
+                |c| c.k8s.as_mut().unwrap().node = "node-b".into(),
+                "in placement",
+            ),
+            (
+                |c| c.k8s.as_mut().unwrap().pod.uid = "u-2".into(),
+                "in placement",
+            ),
+            (|c| c.image_digest = None, "in image digest"),
+            (
+                |c| c.model = composite::Model::parse("openai/gpt-5"),
+                "in model",
+            ),
+            (
+                |c| {
+                    c.agent = Some(composite::Agent {
+                        name: "admin".into(),
+                        version: None,
+                    })
+                },
+                "in agent",
+            ),
+            (|c| c.config_digest = None, "digests differ"),
+            (|c| c.tools_digest = Some(DIGEST.into()), "digests differ"),
+            (
+                |c| {
+                    let k = c.k8s.take().unwrap();
+                    c.unix = Some(Unix {
+                        uid: 0,
+                        gid: 0,
+                        path: k.node,
+                        sha256: DIGEST.into(),
+                    });
+                },
+                "in placement",
+            ),
+        ];
+        for (edit, why) in cases {
+            let mut c = pod_composite();
+            edit(&mut c);
+            refused(check_composite(&e, &facts, Some(&c)), why);
+        }
+        // Pins apply to what was checked.
+        let pinned = entitlement(Some(CompositeSpec {
+            image_digests: vec![composite::sha256_digest(b"another image")],
+            ..Default::default()
+        }));
+        refused(
+            check_composite(&pinned, &facts, Some(&pod_composite())),
+            "image_digest",
+        );
+    }
+
+    #[test]
+    fn a_unix_composite_is_declared_by_the_policy_and_placed_by_the_facts() {
+        let spec = CompositeSpec {
+            model: Some("anthropic/claude".into()),
+            agent_name: Some("refund".into()),
+            ..Default::default()
+        };
+        let facts = WorkloadFacts {
+            unix: Some(UnixFacts {
+                uid: 1000,
+                gid: 1000,
+                path: Some("/usr/bin/agent".into()),
+                sha256: Some(DIGEST.into()),
+                ..Default::default()
+            }),
+            k8s: None,
+        };
+        let good = CompositeIdentity {
+            agent: Some(composite::Agent {
+                name: "refund".into(),
+                version: None,
+            }),
+            model: composite::Model::parse("anthropic/claude"),
+            unix: Some(Unix {
+                uid: 1000,
+                gid: 1000,
+                path: "/usr/bin/agent".into(),
+                sha256: DIGEST.into(),
+            }),
+            ..CompositeIdentity::new()
+        };
+        let e = entitlement(Some(spec));
+        check_composite(&e, &facts, Some(&good)).unwrap();
+        let mut other_uid = good.clone();
+        other_uid.unix.as_mut().unwrap().uid = 0;
+        refused(
+            check_composite(&e, &facts, Some(&other_uid)),
+            "in placement",
+        );
+        refused(
+            check_composite(&entitlement(None), &facts, Some(&good)),
+            "declares none",
+        );
+        check_composite(&entitlement(None), &facts, None).unwrap();
+    }
 }
