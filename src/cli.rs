@@ -282,8 +282,8 @@ pub struct ServerK8sArgs {
     /// The audience node daemons' projected service-account tokens must carry.
     #[arg(long, env = "AGENTID_NODE_TOKEN_AUDIENCE", default_value = crate::server::cluster::DEFAULT_NODE_TOKEN_AUDIENCE)]
     pub node_token_audience: String,
-    /// The node daemons' service account, NAMESPACE/NAME (the Helm chart's is
-    /// <release namespace>/<release>-node).
+    /// The node daemons' service account, NAMESPACE/NAME (the default is the Helm chart's for a
+    /// release "agentid" in namespace "agentid"; the chart passes its own).
     #[arg(long, env = "AGENTID_NODE_SERVICE_ACCOUNT", default_value = crate::server::cluster::DEFAULT_NODE_SERVICE_ACCOUNT)]
     pub node_service_account: String,
     /// How long a pod the server's view does not know yet is waited for.
