@@ -83,24 +83,29 @@ pub async fn connect_tokens(path: &Path) -> Result<TokenClient, ClientError> {
     ))
 }
 
-/// Opens a channel to the socket at `path`.
+/// Opens a channel to the Workload API socket at `path`, with errors that say what to do.
 async fn channel(path: &Path) -> Result<Channel, ClientError> {
     if !path.exists() {
         return Err(ClientError::Missing(path.to_owned()));
     }
+    unix_channel(path)
+        .await
+        .map_err(|source| ClientError::Connect {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// A gRPC channel over the Unix socket at `path` (any of ours: Workload API, server admin).
+pub async fn unix_channel(path: &Path) -> Result<Channel, tonic::transport::Error> {
     let owned = path.to_owned();
     // The URI is a placeholder: the connector ignores it and dials the socket.
-    let channel = Endpoint::from_static("http://localhost")
+    Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let p = owned.clone();
             async move { tokio::net::UnixStream::connect(p).await.map(TokioIo::new) }
         }))
         .await
-        .map_err(|source| ClientError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
-    Ok(channel)
 }
 
 #[cfg(test)]

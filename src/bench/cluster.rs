@@ -234,18 +234,9 @@ pub async fn measure(
 }
 
 async fn admin_client(path: &Path) -> anyhow::Result<ServerAdminClient<tonic::transport::Channel>> {
-    let owned = path.to_owned();
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = owned.clone();
-            async move {
-                tokio::net::UnixStream::connect(p)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
-        .await?;
-    Ok(ServerAdminClient::new(channel))
+    Ok(ServerAdminClient::new(
+        crate::client::unix_channel(path).await?,
+    ))
 }
 
 /// Joins one simulated node: a join token, `Attest`, then a client on its own mTLS connection.

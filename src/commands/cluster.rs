@@ -124,16 +124,7 @@ async fn admin_client(path: &Path) -> anyhow::Result<ServerAdminClient<tonic::tr
             path.display()
         );
     }
-    let owned = path.to_owned();
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = owned.clone();
-            async move {
-                tokio::net::UnixStream::connect(p)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
+    let channel = crate::client::unix_channel(path)
         .await
         .with_context(|| format!("connecting to {}", path.display()))?;
     Ok(ServerAdminClient::new(channel))

@@ -243,7 +243,7 @@ impl SvidCache {
         }
         let (id, aud, ttl) = (req.spiffe_id.clone(), req.audience.clone(), req.ttl);
         let ctx = ctx();
-        req.workload = ctx.workload.clone();
+        req.workload = Some(ctx.workload.clone());
         let token = self.inner.issuer.sign_jwt(req).await?;
         self.inner
             .metrics

@@ -47,7 +47,8 @@ pub struct JwtRequest {
     pub audience: Vec<String>,
     pub ttl: Duration,
     pub claims: Map<String, Value>,
-    pub workload: Arc<WorkloadClaims>,
+    /// Set by the cache from the issue context, only when a token is actually signed.
+    pub workload: Option<Arc<WorkloadClaims>>,
 }
 
 /// A task-token request for the issuer to check and sign (AGENT-IDENTITY.md §3).

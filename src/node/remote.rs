@@ -581,12 +581,13 @@ impl SvidIssuer for RemoteIssuer {
     }
 
     async fn sign_jwt(&self, req: JwtRequest) -> Result<String, IssueError> {
+        let workload = req.workload.unwrap_or_default();
         let msg = pb::SignJwtSvidRequest {
             spiffe_id: req.spiffe_id.to_string(),
             audience: req.audience,
             workload: Some(convert::workload_message(
-                &req.workload.facts,
-                req.workload.composite.as_ref(),
+                &workload.facts,
+                workload.composite.as_ref(),
             )),
         };
         let resp = self

@@ -742,7 +742,7 @@ impl WorkloadApi {
                     .map(|c| c.jwt_claims.clone())
                     .unwrap_or_default(),
                 // Filled from the issue context when the token is signed.
-                workload: Arc::default(),
+                workload: None,
             };
             let token = self
                 .cache
