@@ -14,7 +14,7 @@ use agentid::crypto::tls::{self, Accept, Identity, Trust};
 use agentid::crypto::{PrivateKey, x509::CertInfo};
 use agentid::node::remote::server_channel;
 use agentid::spiffe::SpiffeBundle;
-use common::{Daemon, my_uid};
+use common::{Daemon, cluster, my_uid};
 use futures::StreamExt;
 
 const TD: &str = "agentid.local";
@@ -48,37 +48,8 @@ impl Server {
             std::fs::write(&policy, policy_text).unwrap();
         }
         let admin_socket = dir.join("admin.sock");
-        let args: Vec<String> = [
-            "server",
-            "--store",
-            &format!("file:{}", dir.join("store").display()),
-            "--listen",
-            listen,
-            "--admin-socket",
-            admin_socket.to_str().unwrap(),
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--policy",
-            policy.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let daemon = Daemon::launch(
-            &dir.join("server-run"),
-            &args,
-            admin_socket.clone(),
-            dir.join("store"),
-            "join a host:",
-        )
-        .unwrap_or_else(|e| panic!("agentid server did not start: {e}"));
-        let listen = daemon
-            .banner
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("node API"))
-            .and_then(|r| r.split_whitespace().next())
-            .expect("node API address in the banner")
-            .to_owned();
+        let daemon = cluster::launch_server(dir, listen, &policy, &[]);
+        let listen = cluster::banner_field(&daemon, "node API");
         Server {
             url: format!("https://{listen}"),
             listen,
@@ -113,19 +84,7 @@ impl Server {
 
     /// `agentid bundle export` into a file; its path.
     fn bundle_file(&self) -> PathBuf {
-        let out = std::process::Command::new(common::bin())
-            .args(["bundle", "export", "--admin-socket"])
-            .arg(&self.admin_socket)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let path = self.dir.join("bundle.json");
-        std::fs::write(&path, &out.stdout).unwrap();
-        path
+        cluster::export_bundle(&self.admin_socket, &self.dir.join("bundle.json"))
     }
 
     fn audit(&self) -> String {
@@ -136,30 +95,9 @@ impl Server {
 /// Starts `agentid node NAME` joined with `token`.
 fn try_node(server: &Server, name: &str, token: &str) -> Result<Daemon, String> {
     let dir = server.dir.join(format!("node-{name}"));
-    let socket = dir.join("workload.sock");
-    let state = dir.join("state");
     let bundle = server.bundle_file();
-    let args: Vec<String> = [
-        "node",
-        "--server",
-        &server.url,
-        "--server-bundle",
-        bundle.to_str().unwrap(),
-        "--join-token",
-        token,
-        "--node-name",
-        name,
-        "--socket",
-        socket.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--admin-addr",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    Daemon::launch(&dir, &args, socket, state, "SPIFFE_ENDPOINT_SOCKET=")
+    let credential = ["--join-token".to_owned(), token.to_owned()];
+    cluster::launch_node(&dir, &server.url, &bundle, name, &credential)
 }
 
 fn node(server: &Server, name: &str) -> Daemon {
@@ -375,8 +313,10 @@ async fn node_api_refuses_garbage_impersonation_and_overreach() {
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
 
     // Node a's own SVID (a root attacker on node a has it), used by hand.
-    let state = a.dir.join("state");
-    let id = identity_from(&state.join("node-svid.pem"), &state.join("node-svid.key"));
+    let id = identity_from(
+        &a.state.join("node-svid.pem"),
+        &a.state.join("node-svid.key"),
+    );
     let mtls = tls::client_config(Some(id), trust, accept).unwrap();
     let mut node_a = NodeClient::new(server_channel(&server.url, mtls).unwrap());
     // Entitled: signed.

@@ -19,8 +19,8 @@ use agentid::crypto::tls::{self, Accept, Identity, Trust};
 use agentid::crypto::{PrivateKey, x509::CertInfo};
 use agentid::node::remote::server_channel;
 use agentid::spiffe::SpiffeBundle;
-use common::Daemon;
 use common::k8s::{self as standin, StandIn, bound_token_review, refused_token_review};
+use common::{Daemon, cluster};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_support::{Container, ContainerFs};
 
@@ -110,17 +110,6 @@ impl Server {
         let policy = common::write_policy(dir, "policy.yaml", &policy());
         let admin_socket = dir.join("admin.sock");
         let mut args: Vec<String> = [
-            "server",
-            "--store",
-            &format!("file:{}", dir.join("store").display()),
-            "--listen",
-            listen,
-            "--admin-socket",
-            admin_socket.to_str().unwrap(),
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--policy",
-            policy.to_str().unwrap(),
             "--cluster-name",
             CLUSTER,
             "--kube-api-url",
@@ -136,33 +125,10 @@ impl Server {
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
-        let daemon = Daemon::launch(
-            &dir.join("server-run"),
-            &args,
-            admin_socket.clone(),
-            dir.join("store"),
-            "join a host:",
-        )
-        .unwrap_or_else(|e| panic!("agentid server did not start: {e}"));
-        let field = |name: &str| {
-            daemon
-                .banner
-                .lines()
-                .find_map(|l| l.trim().strip_prefix(name))
-                .and_then(|r| r.split_whitespace().next())
-                .unwrap_or_else(|| panic!("{name} in the banner: {}", daemon.banner))
-                .to_owned()
-        };
-        let listen = field("node API");
-        let http = field("http");
-        let out = std::process::Command::new(common::bin())
-            .args(["bundle", "export", "--admin-socket"])
-            .arg(&admin_socket)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let bundle = dir.join("bundle.json");
-        std::fs::write(&bundle, &out.stdout).unwrap();
+        let daemon = cluster::launch_server(dir, listen, &policy, &args);
+        let listen = cluster::banner_field(&daemon, "node API");
+        let http = cluster::banner_field(&daemon, "http");
+        let bundle = cluster::export_bundle(&admin_socket, &dir.join("bundle.json"));
         Server {
             url: format!("https://{listen}"),
             listen,
@@ -201,24 +167,9 @@ fn try_node(server: &Server, standin: &StandIn, name: &str, token: &str) -> Resu
     let dir = server.dir.join(format!("node-{name}"));
     let sa_token = token_file(server, name, token);
     let (ca, api_token) = standin.write_files(&dir);
-    let socket = dir.join("workload.sock");
-    let state = dir.join("state");
-    let args: Vec<String> = [
-        "node",
-        "--server",
-        &server.url,
-        "--server-bundle",
-        server.bundle.to_str().unwrap(),
+    let extra: Vec<String> = [
         "--k8s-token-file",
         sa_token.to_str().unwrap(),
-        "--node-name",
-        name,
-        "--socket",
-        socket.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--admin-addr",
-        "127.0.0.1:0",
         "--attestor",
         "k8s",
         "--cluster-name",
@@ -233,13 +184,7 @@ fn try_node(server: &Server, standin: &StandIn, name: &str, token: &str) -> Resu
     .iter()
     .map(|s| s.to_string())
     .collect();
-    Daemon::launch(
-        &dir.join("run"),
-        &args,
-        socket,
-        state,
-        "SPIFFE_ENDPOINT_SOCKET=",
-    )
+    cluster::launch_node(&dir, &server.url, &server.bundle, name, &extra)
 }
 
 /// A genuine token for node `name`'s daemon pod, registered with the stand-in.

@@ -2,6 +2,7 @@
 //! on a private socket, state directory and admin port.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod k8s;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,91 @@
+//! Launching `agentid server` and `agentid node` as real processes, shared by the cluster tests.
+
+use std::path::{Path, PathBuf};
+
+use super::{Daemon, bin};
+
+/// Starts `agentid server` with its store, admin socket and logs under `dir`, listening on
+/// `listen`, with `policy` and `extra` flags; waits for its banner.
+pub fn launch_server(dir: &Path, listen: &str, policy: &Path, extra: &[String]) -> Daemon {
+    let admin_socket = dir.join("admin.sock");
+    let mut args: Vec<String> = vec![
+        "server".into(),
+        format!("--store=file:{}", dir.join("store").display()),
+        format!("--listen={listen}"),
+        "--admin-socket".into(),
+        admin_socket.display().to_string(),
+        "--admin-addr=127.0.0.1:0".into(),
+        "--policy".into(),
+        policy.display().to_string(),
+    ];
+    args.extend_from_slice(extra);
+    Daemon::launch(
+        &dir.join("server-run"),
+        &args,
+        admin_socket,
+        dir.join("store"),
+        "join a host:",
+    )
+    .unwrap_or_else(|e| panic!("agentid server did not start: {e}"))
+}
+
+/// The first word after `name` on a banner line (`node API`, `http`).
+pub fn banner_field(d: &Daemon, name: &str) -> String {
+    d.banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(name))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{name} in the banner: {}", d.banner))
+        .to_owned()
+}
+
+/// `agentid bundle export` from the admin socket into `to`; returns `to`.
+pub fn export_bundle(admin_socket: &Path, to: &Path) -> PathBuf {
+    let out = std::process::Command::new(bin())
+        .args(["bundle", "export", "--admin-socket"])
+        .arg(admin_socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(to, &out.stdout).unwrap();
+    to.to_owned()
+}
+
+/// Starts `agentid node NAME` under `dir` against `server_url`, trusting `bundle`, with its
+/// credential and other `extra` flags; waits for its banner.
+pub fn launch_node(
+    dir: &Path,
+    server_url: &str,
+    bundle: &Path,
+    name: &str,
+    extra: &[String],
+) -> Result<Daemon, String> {
+    let socket = dir.join("workload.sock");
+    let state = dir.join("state");
+    let mut args: Vec<String> = vec![
+        "node".into(),
+        "--server".into(),
+        server_url.into(),
+        "--server-bundle".into(),
+        bundle.display().to_string(),
+        "--node-name".into(),
+        name.into(),
+        "--socket".into(),
+        socket.display().to_string(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--admin-addr=127.0.0.1:0".into(),
+    ];
+    args.extend_from_slice(extra);
+    Daemon::launch(
+        &dir.join("run"),
+        &args,
+        socket,
+        state,
+        "SPIFFE_ENDPOINT_SOCKET=",
+    )
+}
