@@ -264,10 +264,33 @@ pub struct ServerArgs {
     /// Lifetime of node SVIDs (nodes renew at about half of it).
     #[arg(long, env = "AGENTID_NODE_SVID_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub node_svid_ttl: Duration,
+    /// The audit log (default: DIR/audit.log with file:DIR, /var/log/agentid/server-audit.log
+    /// with kubernetes).
+    #[arg(long, env = "AGENTID_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
     #[command(flatten)]
     pub rotation: RotationArgs,
     #[command(flatten)]
+    pub store_k8s: ServerStoreArgs,
+    #[command(flatten)]
     pub k8s: ServerK8sArgs,
+}
+
+/// `--store kubernetes`: where the server's objects live and how replicas elect a leader.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Kubernetes store (--store kubernetes)")]
+pub struct ServerStoreArgs {
+    /// Namespace of the server's Secrets, ConfigMap and Lease (default: the pod's own, from
+    /// its service account; else "agentid").
+    #[arg(long, env = "AGENTID_KUBE_NAMESPACE")]
+    pub kube_namespace: Option<String>,
+    /// This replica's name as Lease holder (default: $POD_NAME, else the host name).
+    #[arg(long, env = "AGENTID_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// How long a Lease holder's record must stay unchanged before another replica takes
+    /// over key rotation (the holder renews every third of it).
+    #[arg(long, env = "AGENTID_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
 }
 
 /// Kubernetes node attestation and pod checks of `agentid server`.
@@ -289,7 +312,8 @@ pub struct ServerK8sArgs {
     /// How long a pod the server's view does not know yet is waited for.
     #[arg(long, env = "AGENTID_POD_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub pod_wait: Duration,
-    /// API server URL (default: kubeconfig or in-cluster configuration).
+    /// API server URL, for node attestation and --store kubernetes (default: kubeconfig or
+    /// in-cluster configuration).
     #[arg(long, env = "AGENTID_KUBE_API_URL")]
     pub kube_api_url: Option<String>,
     /// CA bundle (PEM) for --kube-api-url.
@@ -306,7 +330,8 @@ pub struct NodeArgs {
     /// Trust domain name (the server's).
     #[arg(long, env = "AGENTID_TRUST_DOMAIN", default_value = "agentid.local")]
     pub trust_domain: TrustDomain,
-    /// The server's node API, https://HOST:PORT.
+    /// The server's node API, https://HOST:PORT; several replicas comma-separated (tried in
+    /// turn, starting from the last one that answered).
     #[arg(long, env = "AGENTID_SERVER")]
     pub server: String,
     /// The trust domain's bundle to trust the server with (`agentid bundle export`).

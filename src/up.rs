@@ -22,7 +22,7 @@ use crate::node::issuer::{
 use crate::node::k8s::{self as pods, K8sConfig};
 use crate::policy::{PolicySet, load_paths};
 use crate::policy_watch;
-use crate::server::{Authority, AuthorityConfig, spawn_rotation};
+use crate::server::{Authority, AuthorityConfig, always_leading, spawn_rotation};
 use crate::spiffe::TrustDomain;
 use crate::token::{self, FanOut, Issued};
 
@@ -211,7 +211,7 @@ pub async fn build(config: UpConfig) -> anyhow::Result<Up> {
         &config.state_dir.join("audit.log"),
         format!("agentid://{td}/up"),
     )?;
-    let rotation = spawn_rotation(authority.clone(), audit.clone());
+    let rotation = spawn_rotation(authority.clone(), audit.clone(), always_leading());
     let mut registry = Registry::default();
     let metrics = NodeMetrics::register(&mut registry);
     let issuer: Arc<dyn SvidIssuer> = Arc::new(LocalIssuer::new(authority));

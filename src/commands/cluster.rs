@@ -12,7 +12,7 @@ use crate::k8s::ApiConfig;
 use crate::node::remote::NodeCredential;
 use crate::node::run::{Node, NodeConfig};
 use crate::server::cluster::ClusterConfig;
-use crate::server::run::{ServerConfig, ServerDaemon, StoreSpec};
+use crate::server::run::{KubeStoreConfig, ServerConfig, ServerDaemon, StoreSpec};
 use crate::server::{Authority, AuthorityConfig};
 use crate::spiffe::TrustDomain;
 
@@ -31,20 +31,68 @@ pub fn server_config(args: ServerArgs) -> anyhow::Result<ServerConfig> {
     c.node_svid_ttl = args.node_svid_ttl;
     c.authority = args.rotation.config();
     c.authority.validate()?;
-    c.k8s = cluster_config(args.k8s)?;
+    c.audit_log = args.audit_log;
+    let api = ApiConfig {
+        url: args.k8s.kube_api_url.clone(),
+        ca_file: args.k8s.kube_ca_file.clone(),
+        token_file: args.k8s.kube_token_file.clone(),
+    };
+    api.validate()?;
+    let kube_store = c.store == StoreSpec::Kubernetes;
+    let s = args.store_k8s;
+    c.kube_store = KubeStoreConfig {
+        namespace: s.kube_namespace.unwrap_or_else(own_namespace),
+        replica_id: s.replica_id.unwrap_or_else(replica_id),
+        lease_duration: s.lease_duration,
+        api: api.clone(),
+    };
+    c.k8s = cluster_config(args.k8s, api, kube_store)?;
     Ok(c)
 }
 
-/// The server's Kubernetes settings: on with `--cluster-name`, else none (hosts only).
-fn cluster_config(k: ServerK8sArgs) -> anyhow::Result<Option<ClusterConfig>> {
+/// The pod's namespace from its service account, else "agentid".
+fn own_namespace() -> String {
+    std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "agentid".into())
+}
+
+/// `$POD_NAME` (the chart sets it from the downward API), else the host name.
+fn replica_id() -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("agentid-server-{}", std::process::id()))
+}
+
+/// The server's Kubernetes node settings: on with `--cluster-name`, else none (hosts only).
+/// The API flags are also the store's with `--store kubernetes`.
+fn cluster_config(
+    k: ServerK8sArgs,
+    api: ApiConfig,
+    kube_store: bool,
+) -> anyhow::Result<Option<ClusterConfig>> {
     let Some(name) = k.cluster_name else {
+        if kube_store {
+            return Ok(None);
+        }
         let given = [
             ("--kube-api-url", k.kube_api_url.is_some()),
             ("--kube-ca-file", k.kube_ca_file.is_some()),
             ("--kube-token-file", k.kube_token_file.is_some()),
         ];
         if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
-            bail!("{flag} is only used with --cluster-name (Kubernetes node attestation)");
+            bail!(
+                "{flag} is only used with --cluster-name (Kubernetes node attestation) or --store kubernetes"
+            );
         }
         return Ok(None);
     };
@@ -55,11 +103,7 @@ fn cluster_config(k: ServerK8sArgs) -> anyhow::Result<Option<ClusterConfig>> {
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--node-service-account {e}"))?;
     c.pod_wait = k.pod_wait;
-    c.api = ApiConfig {
-        url: k.kube_api_url,
-        ca_file: k.kube_ca_file,
-        token_file: k.kube_token_file,
-    };
+    c.api = api;
     c.validate()?;
     Ok(Some(c))
 }

@@ -120,7 +120,7 @@ impl RemoteIssuer {
     pub async fn connect(
         config: RemoteConfig,
     ) -> Result<(Self, watch::Receiver<Arc<PolicySet>>), RemoteError> {
-        let (host, port) = parse_server(&config.server)?;
+        let servers = parse_servers(&config.server)?;
         let server_id: SpiffeId = format!("{}/agentid/server", config.trust_domain.id_string())
             .parse()
             .map_err(|_| RemoteError::Address(config.server.clone()))?;
@@ -138,8 +138,7 @@ impl RemoteIssuer {
 
         let attestor = Attestor {
             config: config.clone(),
-            host: host.clone(),
-            port,
+            servers: servers.clone(),
             trust: trust.clone(),
             accept: accept_server.clone(),
         };
@@ -150,7 +149,7 @@ impl RemoteIssuer {
         trust.replace(&bundle)?;
         let identity = Identity::new(&chain, &key)?;
         let mtls = tls::client_config(Some(identity.clone()), trust.clone(), accept_server)?;
-        let client = NodeClient::new(channel(&host, port, mtls));
+        let client = NodeClient::new(channel(servers, mtls));
         let status = Arc::new(SyncStatus::default());
         status
             .node_svid_expiry
@@ -207,8 +206,7 @@ impl RemoteIssuer {
 #[derive(Clone)]
 struct Attestor {
     config: RemoteConfig,
-    host: String,
-    port: u16,
+    servers: Arc<[String]>,
     trust: Trust,
     accept: Accept,
 }
@@ -219,7 +217,7 @@ impl Attestor {
     async fn attest(&self) -> Result<(Vec<Vec<u8>>, Vec<u8>, SpiffeBundle), RemoteError> {
         let config = &self.config;
         let plain = tls::client_config(None, self.trust.clone(), self.accept.clone())?;
-        let mut client = NodeClient::new(channel(&self.host, self.port, plain));
+        let mut client = NodeClient::new(channel(self.servers.clone(), plain));
         let key = PrivateKey::generate().map_err(|e| RemoteError::BadAnswer(e.to_string()))?;
         let credential = match &config.credential {
             NodeCredential::JoinToken(t) => pb::attest_request::Credential::JoinToken(t.clone()),
@@ -254,50 +252,94 @@ impl Attestor {
     }
 }
 
-/// `https://host:port` → (host, port).
-fn parse_server(s: &str) -> Result<(String, u16), RemoteError> {
+/// `https://host:port` → `host:port`.
+fn parse_server(s: &str) -> Result<String, RemoteError> {
     let bad = || RemoteError::Address(s.to_owned());
-    let uri: Uri = s.parse().map_err(|_| bad())?;
+    let uri: Uri = s.trim().parse().map_err(|_| bad())?;
     if uri.scheme_str() != Some("https") {
         return Err(bad());
     }
-    let host = uri
-        .host()
-        .ok_or_else(bad)?
-        .trim_matches(['[', ']'])
-        .to_owned();
-    Ok((host, uri.port_u16().unwrap_or(443)))
+    let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(bad)?;
+    // An IPv6 host keeps its brackets: `[::1]:8081` is what a socket address parser reads.
+    Ok(format!("{host}:{}", uri.port_u16().unwrap_or(443)))
 }
 
-/// A lazily connecting channel to the server at `https://host:port` speaking TLS with `config`.
+/// One or more comma-separated `https://host:port` addresses → `host:port` each.
+fn parse_servers(s: &str) -> Result<Arc<[String]>, RemoteError> {
+    let servers = s
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(parse_server)
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.is_empty() {
+        return Err(RemoteError::Address(s.to_owned()));
+    }
+    Ok(servers.into())
+}
+
+/// A lazily connecting channel to the server(s) at `server` (one or more comma-separated
+/// `https://host:port`) speaking TLS with `config`.
 pub fn server_channel(server: &str, config: rustls::ClientConfig) -> Result<Channel, RemoteError> {
-    let (host, port) = parse_server(server)?;
-    Ok(channel(&host, port, config))
+    Ok(channel(parse_servers(server)?, config))
 }
 
-/// A lazily connecting channel that dials `host:port` and speaks TLS with `config`. Tonic
-/// reconnects it when the connection drops.
-fn channel(host: &str, port: u16, config: rustls::ClientConfig) -> Channel {
+/// A lazily connecting channel that speaks TLS with `config` to the first of `servers` that
+/// answers, starting from the one that answered last: when a server goes away, tonic
+/// reconnects and the next one is tried (failover across replicas).
+fn channel(servers: Arc<[String]>, config: rustls::ClientConfig) -> Channel {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let addr = format!("{host}:{port}");
-    // The URI is a placeholder: the connector dials `addr` and checks the SPIFFE ID.
+    let last_good = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The URI is a placeholder: the connector dials `servers` and checks the SPIFFE ID.
     Endpoint::from_static("http://agentid-server")
         .timeout(CALL_TIMEOUT)
         .connect_timeout(CALL_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true)
         .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-            let (connector, addr) = (connector.clone(), addr.clone());
+            let (connector, servers, last_good) =
+                (connector.clone(), servers.clone(), last_good.clone());
             async move {
-                let tcp = tokio::net::TcpStream::connect(&addr).await?;
-                let _ = tcp.set_nodelay(true);
-                // Not checked: the verifier checks the server's SPIFFE ID instead.
-                let name = rustls::pki_types::ServerName::try_from("agentid-server")
-                    .map_err(std::io::Error::other)?;
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
+                let start = last_good.load(Ordering::Relaxed);
+                let mut failure = None;
+                for i in 0..servers.len() {
+                    let at = (start + i) % servers.len();
+                    match connect(&connector, &servers[at]).await {
+                        Ok(tls) => {
+                            if at != start {
+                                tracing::info!(server = %servers[at], "connected to another server replica");
+                            }
+                            last_good.store(at, Ordering::Relaxed);
+                            return Ok(TokioIo::new(tls));
+                        }
+                        Err(e) => {
+                            tracing::debug!(server = %servers[at], error = %e, "server unreachable");
+                            failure = Some(std::io::Error::new(e.kind(), format!("{}: {e}", servers[at])));
+                        }
+                    }
+                }
+                Err(failure.unwrap_or_else(|| std::io::Error::other("no server address")))
             }
         }))
+}
+
+/// A TLS connection to `addr` (`host:port`), each step bounded by the call timeout so one
+/// silent replica does not hold up the others.
+async fn connect(
+    connector: &tokio_rustls::TlsConnector,
+    addr: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+    let per_server = CALL_TIMEOUT / 2;
+    let tcp = tokio::time::timeout(per_server, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| timed_out())??;
+    let _ = tcp.set_nodelay(true);
+    // Not checked: the verifier checks the server's SPIFFE ID instead.
+    let name =
+        rustls::pki_types::ServerName::try_from("agentid-server").map_err(std::io::Error::other)?;
+    tokio::time::timeout(per_server, connector.connect(name, tcp))
+        .await
+        .map_err(|_| timed_out())?
 }
 
 fn expiry(chain: &[Vec<u8>]) -> i64 {

@@ -458,6 +458,27 @@ impl Authority {
         }
     }
 
+    /// Takes up the stored state if another replica changed it (a rotation by the Lease
+    /// holder, an emergency rotation through another replica's admin socket). Returns whether
+    /// the state in force changed; its bundle is published as for a change made here.
+    pub fn reload(&self) -> Result<bool, AuthorityError> {
+        let _changing = self.changing.lock().expect("changing lock");
+        let Some((state, revision)) = self.store.load()? else {
+            return Ok(false);
+        };
+        if revision == self.live.read().expect("keys lock").revision {
+            return Ok(false);
+        }
+        if state.trust_domain != self.td.as_str() {
+            return Err(AuthorityError::TrustDomainMismatch {
+                found: state.trust_domain,
+                wanted: self.td.clone(),
+            });
+        }
+        self.install(Live::new(state, revision)?);
+        Ok(true)
+    }
+
     /// Makes `live` the state in force. The bundle is sent while the signing lock is held, so
     /// nothing is signed with a key before the bundle that carries it is out.
     fn install(&self, live: Live) {
@@ -603,7 +624,7 @@ mod tests {
             .err()
             .unwrap();
         assert!(
-            err.to_string().contains("keys.json: not a key state"),
+            err.to_string().contains("keys.json: not a valid document"),
             "{err}"
         );
     }

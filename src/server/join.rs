@@ -5,18 +5,20 @@
 //! so a replay is told apart from a token that never existed (both are refused and audited).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::store::{FileStore, StoreError};
+use super::store::{DocStore, StoreError};
 use crate::crypto::sha256_hex;
 
-/// Store file of the token digests.
-const FILE: &str = "join-tokens.json";
+/// The store document of the token digests.
+pub const DOC: &str = "join-tokens.json";
 /// Longest lifetime a join token may be given.
 pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Compare-and-swap attempts before a change is given up (replicas redeeming at once).
+const ATTEMPTS: usize = 8;
 
 /// Why a join token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,27 +49,35 @@ struct Entry {
     used: bool,
 }
 
-/// The join tokens of one server.
-#[derive(Debug)]
+type Entries = HashMap<String, Entry>;
+
+/// The join tokens of one trust domain. With a store, every change is a compare-and-swap of
+/// the stored document, so replicas sharing it agree: a token redeemed through one replica is
+/// a replay at every other. Calls block on the store; make them from blocking contexts.
 pub struct JoinTokens {
-    store: Option<FileStore>,
-    /// By SHA-256 hex of the token.
-    entries: Mutex<HashMap<String, Entry>>,
+    store: Option<Arc<dyn DocStore>>,
+    /// Without a store: the tokens, in memory only.
+    memory: Mutex<Entries>,
+}
+
+impl std::fmt::Debug for JoinTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinTokens")
+            .field("stored", &self.store.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl JoinTokens {
-    /// Tokens kept in `store` (so they survive a restart), or in memory only.
-    pub fn open(store: Option<FileStore>) -> Result<Self, StoreError> {
-        let entries = match &store {
-            Some(s) => s
-                .read(FILE)?
-                .and_then(|text| serde_json::from_str(&text).ok())
-                .unwrap_or_default(),
-            None => HashMap::new(),
-        };
+    /// Tokens kept in `store` (shared by replicas, surviving restarts), or in memory only.
+    /// A stored document that does not parse is refused here, not silently emptied.
+    pub fn open(store: Option<Arc<dyn DocStore>>) -> Result<Self, StoreError> {
+        if let Some(s) = &store {
+            load(s.as_ref())?;
+        }
         Ok(Self {
             store,
-            entries: Mutex::new(entries),
+            memory: Mutex::new(HashMap::new()),
         })
     }
 
@@ -86,70 +96,104 @@ impl JoinTokens {
         // Hex: a token that starts with '-' would read as a flag on a command line.
         let token = hex::encode(raw);
         let expires_at = now.saturating_add(ttl.as_secs() as i64);
-        let mut entries = self.entries.lock().expect("join tokens");
-        entries.retain(|_, e| e.expires_at > now);
-        entries.insert(
-            sha256_hex(token.as_bytes()),
-            Entry {
-                expires_at,
-                node,
-                used: false,
-            },
-        );
-        self.persist(&entries)?;
+        let digest = sha256_hex(token.as_bytes());
+        self.update(|entries| {
+            entries.retain(|_, e| e.expires_at > now);
+            entries.insert(
+                digest.clone(),
+                Entry {
+                    expires_at,
+                    node: node.clone(),
+                    used: false,
+                },
+            );
+            Ok(())
+        })?;
         Ok((token, expires_at))
     }
 
     /// Uses up `token` for `node_name` at `now`.
     pub fn redeem(&self, token: &str, node_name: &str, now: i64) -> Result<(), JoinError> {
-        let mut entries = self.entries.lock().expect("join tokens");
-        let entry = entries
-            .get_mut(&sha256_hex(token.as_bytes()))
-            .ok_or(JoinError::Unknown)?;
-        if entry.used {
-            return Err(JoinError::Used);
-        }
-        if entry.expires_at <= now {
-            return Err(JoinError::Expired);
-        }
-        if let Some(bound) = &entry.node
-            && bound != node_name
-        {
-            return Err(JoinError::WrongNode {
-                bound: bound.clone(),
-                presented: node_name.to_owned(),
-            });
-        }
-        entry.used = true;
-        self.persist(&entries)
+        let digest = sha256_hex(token.as_bytes());
+        self.update(|entries| {
+            let entry = entries.get_mut(&digest).ok_or(JoinError::Unknown)?;
+            if entry.used {
+                return Err(JoinError::Used);
+            }
+            if entry.expires_at <= now {
+                return Err(JoinError::Expired);
+            }
+            if let Some(bound) = &entry.node
+                && bound != node_name
+            {
+                return Err(JoinError::WrongNode {
+                    bound: bound.clone(),
+                    presented: node_name.to_owned(),
+                });
+            }
+            entry.used = true;
+            Ok(())
+        })
     }
 
-    fn persist(&self, entries: &HashMap<String, Entry>) -> Result<(), JoinError> {
+    /// Applies `f` to the tokens and stores the result; a refusal from `f` stores nothing.
+    fn update(
+        &self,
+        mut f: impl FnMut(&mut Entries) -> Result<(), JoinError>,
+    ) -> Result<(), JoinError> {
         let Some(store) = &self.store else {
-            return Ok(());
+            return f(&mut self.memory.lock().expect("join tokens"));
         };
-        let text = serde_json::to_vec(entries).map_err(|e| JoinError::Store(e.to_string()))?;
-        store
-            .write(FILE, &text)
-            .map_err(|e| JoinError::Store(e.to_string()))
+        let failed = |e: StoreError| JoinError::Store(e.to_string());
+        for _ in 0..ATTEMPTS {
+            let (mut entries, revision) = load(store.as_ref()).map_err(failed)?;
+            f(&mut entries)?;
+            let text =
+                serde_json::to_string(&entries).map_err(|e| JoinError::Store(e.to_string()))?;
+            match store.save_doc(DOC, &text, revision.as_ref()) {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        Err(JoinError::Store(format!(
+            "{}: changed concurrently {ATTEMPTS} times in a row; try again",
+            store.describe(DOC)
+        )))
+    }
+}
+
+/// The stored tokens and their revision (none stored: empty).
+fn load(store: &dyn DocStore) -> Result<(Entries, Option<super::store::Revision>), StoreError> {
+    match store.load_doc(DOC)? {
+        None => Ok((HashMap::new(), None)),
+        Some((text, rev)) => {
+            let entries = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+                what: store.describe(DOC),
+                reason: e.to_string(),
+            })?;
+            Ok((entries, Some(rev)))
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::store::FileStore;
 
     const NOW: i64 = 1_700_000_000;
 
     #[test]
     fn single_use_bound_expiring_and_persisted() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path()).unwrap();
+        let files = FileStore::open(dir.path()).unwrap();
+        let store: Arc<dyn DocStore> = Arc::new(files.clone());
         let tokens = JoinTokens::open(Some(store.clone())).unwrap();
         let (t, exp) = tokens.create(Duration::from_secs(60), None, NOW).unwrap();
         assert_eq!(exp, NOW + 60);
         assert!(
-            !store.read(FILE).unwrap().unwrap().contains(&t),
+            !files.read(DOC).unwrap().unwrap().contains(&t),
             "only digests are stored"
         );
         // A restart keeps it.
@@ -177,6 +221,33 @@ mod tests {
         assert_eq!(
             again.create(Duration::ZERO, None, NOW),
             Err(JoinError::BadTtl)
+        );
+    }
+
+    #[test]
+    fn replicas_sharing_a_store_agree_on_redemption() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn DocStore> = Arc::new(FileStore::open(dir.path()).unwrap());
+        let a = JoinTokens::open(Some(store.clone())).unwrap();
+        let b = JoinTokens::open(Some(store)).unwrap();
+        let (t, _) = a.create(Duration::from_secs(60), None, NOW).unwrap();
+        let (u, _) = b.create(Duration::from_secs(60), None, NOW).unwrap();
+        b.redeem(&t, "n1", NOW).unwrap();
+        assert_eq!(a.redeem(&t, "n1", NOW), Err(JoinError::Used));
+        // b's create did not drop a's token (each change starts from the stored document).
+        a.redeem(&u, "n2", NOW).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_document_is_refused_not_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = FileStore::open(dir.path()).unwrap();
+        files.write(DOC, b"{not json").unwrap();
+        let err = JoinTokens::open(Some(Arc::new(files))).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("join-tokens.json: not a valid document"),
+            "{err}"
         );
     }
 }

@@ -3,8 +3,11 @@
 //! the node API.
 mod authority;
 pub mod cluster;
+pub mod crd;
 pub mod join;
 mod keys;
+pub mod kube_store;
+pub mod lease;
 mod legacy;
 pub mod listen;
 pub mod node_api;
@@ -18,6 +21,6 @@ pub use authority::Authority;
 pub use keys::{
     AuthorityConfig, AuthorityConfigError, AuthorityError, KeyChange, KeyEvent, MAX_JWT_LIFETIME,
 };
-pub use rotation::{record as record_key_event, spawn_rotation};
+pub use rotation::{always_leading, record as record_key_event, spawn_rotation};
 pub use state::{KeyKind, KeyRing, KeySlot, KeyState, Lifecycle};
-pub use store::{FileStore, Revision, StateStore, StoreError};
+pub use store::{DocStore, FileStore, Revision, StateStore, StoreError};

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::watch;
+
 use super::authority::Authority;
 use super::keys::KeyEvent;
 use crate::audit::AuditLog;
@@ -32,13 +34,27 @@ const RETRY: Duration = Duration::from_secs(5);
 /// Shortest sleep, so a timer that fires a hair early does not spin.
 const MIN_SLEEP: Duration = Duration::from_millis(20);
 
-/// Runs `authority`'s rotation schedule until the runtime stops: wakes when the next step is
-/// due (and at least every minute), performs it, and audits it.
-pub fn spawn_rotation(authority: Arc<Authority>, audit: AuditLog) -> tokio::task::JoinHandle<()> {
+/// Runs `authority`'s rotation schedule while `leading` is true, until the runtime stops:
+/// wakes when the next step is due (and at least every minute), performs it, and audits it.
+/// It stops the moment `leading` turns false (a replica that lost the Lease); a step already
+/// running finishes, and the store's compare-and-swap keeps a late one from doubling a step.
+pub fn spawn_rotation(
+    authority: Arc<Authority>,
+    audit: AuditLog,
+    mut leading: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // A closed channel keeps its last value: leadership is then fixed.
+        let mut fixed = false;
         loop {
+            if !*leading.borrow_and_update() {
+                if leading.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
             let a = authority.clone();
-            // Generating keys and fsyncing the store block.
+            // Generating keys and writing the store block.
             let outcome = tokio::task::spawn_blocking(move || a.tick(SystemTime::now())).await;
             let failed = match outcome {
                 Ok(Ok(events)) => {
@@ -62,9 +78,17 @@ pub fn spawn_rotation(authority: Arc<Authority>, audit: AuditLog) -> tokio::task
                 let until_due = authority.rotation_due().duration_since(SystemTime::now());
                 until_due.unwrap_or_default().clamp(MIN_SLEEP, MAX_SLEEP)
             };
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                r = leading.changed(), if !fixed => fixed = r.is_err(),
+            }
         }
     })
+}
+
+/// Leadership for a server that is alone with its store: always leading.
+pub fn always_leading() -> watch::Receiver<bool> {
+    watch::channel(true).1
 }
 
 #[cfg(test)]

@@ -17,20 +17,27 @@ use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
+use kube::Api;
+use tokio_util::sync::CancellationToken;
+
 use super::authority::Authority;
 use super::cluster::{Cluster, ClusterConfig, ClusterError};
+use super::crd::CrPolicies;
 use super::join::JoinTokens;
 use super::keys::AuthorityConfig;
+use super::kube_store::{self, SecretStore};
+use super::lease::{Election, LEASE_NAME, LeaseConfig};
 use super::listen;
 use super::node_api::{DEFAULT_NODE_SVID_TTL, NodeApi, NodeKind};
-use super::rotation::{record as record_key_event, spawn_rotation};
+use super::rotation::{always_leading, record as record_key_event, spawn_rotation};
 use super::state::KeyKind;
-use super::store::FileStore;
+use super::store::{DocStore, FileStore};
 use crate::admin::{self, Readiness};
 use crate::api::node as pb;
 use crate::audit::{Action, AuditEvent, AuditLog, Decision};
 use crate::crypto::tls::{self, Accept, Identity, Trust};
 use crate::crypto::{PrivateKey, x509::CertInfo};
+use crate::k8s::ApiConfig;
 use crate::policy::{PolicySet, load_paths};
 use crate::policy_watch;
 use crate::spiffe::{SpiffeId, TrustDomain};
@@ -79,7 +86,37 @@ pub struct ServerConfig {
     pub authority: AuthorityConfig,
     /// Kubernetes node attestation and pod checks; `None`: hosts only.
     pub k8s: Option<ClusterConfig>,
+    /// Where `--store kubernetes` keeps state and elects its leader.
+    pub kube_store: KubeStoreConfig,
+    /// The audit log (default with `file:DIR`: `DIR/audit.log`).
+    pub audit_log: Option<PathBuf>,
 }
+
+/// `--store kubernetes`: the namespace of the server's objects, the API server, the Lease.
+#[derive(Debug, Clone, Serialize)]
+pub struct KubeStoreConfig {
+    pub namespace: String,
+    /// This replica's name as Lease holder (its pod name).
+    pub replica_id: String,
+    /// How long a Lease holder's record must stay unchanged before another replica takes over.
+    #[serde(with = "humantime_serde")]
+    pub lease_duration: Duration,
+    pub api: ApiConfig,
+}
+
+impl Default for KubeStoreConfig {
+    fn default() -> Self {
+        Self {
+            namespace: "agentid".into(),
+            replica_id: "agentid-server".into(),
+            lease_duration: Duration::from_secs(15),
+            api: ApiConfig::default(),
+        }
+    }
+}
+
+/// Where the audit log goes when `--audit-log` is not given with `--store kubernetes`.
+pub const KUBE_AUDIT_LOG: &str = "/var/log/agentid/server-audit.log";
 
 impl ServerConfig {
     /// Defaults for everything but the trust domain and store.
@@ -95,6 +132,8 @@ impl ServerConfig {
             node_svid_ttl: DEFAULT_NODE_SVID_TTL,
             authority: AuthorityConfig::default(),
             k8s: None,
+            kube_store: KubeStoreConfig::default(),
+            audit_log: None,
         }
     }
 }
@@ -102,8 +141,10 @@ impl ServerConfig {
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("--store kubernetes is not available yet; use --store file:DIR")]
-    KubernetesStore,
+    #[error("--store kubernetes: {0}")]
+    Kube(String),
+    #[error("--lease-duration {0:?} is outside 3s..=5m")]
+    LeaseDuration(Duration),
     #[error("binding the node API on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -127,7 +168,7 @@ pub enum ServerError {
 impl ServerError {
     /// A mistake in the configuration rather than in the environment (exit 64).
     pub fn is_config(&self) -> bool {
-        matches!(self, Self::KubernetesStore | Self::Policy(_))
+        matches!(self, Self::LeaseDuration(_) | Self::Policy(_))
     }
 }
 
@@ -147,39 +188,40 @@ pub struct ServerDaemon {
     ready: Readiness,
     /// The authority's key rotation, stopped at shutdown.
     rotation: tokio::task::JoinHandle<()>,
+    /// Stops the Kubernetes followers and the election (which then releases the Lease).
+    cancel: CancellationToken,
+    election: Option<tokio::task::JoinHandle<()>>,
     _policy_tx: watch::Sender<Arc<PolicySet>>,
+}
+
+/// The state backend once opened.
+struct Opened {
+    authority: Arc<Authority>,
+    joins: Arc<JoinTokens>,
+    audit: AuditLog,
+    /// The API client, with `--store kubernetes`.
+    kube: Option<kube::Client>,
 }
 
 impl ServerDaemon {
     /// Opens the store and keys, loads policies, binds the listeners.
     pub async fn build(config: ServerConfig) -> Result<Self, ServerError> {
-        let dir = match &config.store {
-            StoreSpec::File(dir) => dir.clone(),
-            StoreSpec::Kubernetes => return Err(ServerError::KubernetesStore),
-        };
         let td = config.trust_domain.clone();
         let policies = if config.policy.is_empty() {
-            tracing::warn!("no --policy given: no workload will be issued an identity");
             PolicySet::default()
         } else {
             load_paths(&config.policy, &td).map_err(ServerError::Policy)?
         };
-        std::fs::create_dir_all(&dir)
-            .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
-            .map_err(|e| anyhow::anyhow!("creating store directory {}: {e}", dir.display()))?;
-        let authority = Arc::new(
-            Authority::open(&dir.join("authority"), td.clone(), config.authority.clone())
-                .map_err(anyhow::Error::new)?,
-        );
-        let audit = AuditLog::open(&dir.join("audit.log"), format!("agentid://{td}/server"))
-            .map_err(anyhow::Error::new)?;
-        let rotation = spawn_rotation(authority.clone(), audit.clone());
-        let joins = Arc::new(
-            JoinTokens::open(Some(
-                FileStore::open(&dir.join("nodes")).map_err(anyhow::Error::new)?,
-            ))
-            .map_err(anyhow::Error::new)?,
-        );
+        let opened = match &config.store {
+            StoreSpec::File(dir) => open_files(&config, dir)?,
+            StoreSpec::Kubernetes => open_kubernetes(&config).await?,
+        };
+        let Opened {
+            authority,
+            joins,
+            audit,
+            kube,
+        } = opened;
         let mut registry = Registry::default();
         let reload_failures = Counter::default();
         registry.register(
@@ -187,7 +229,7 @@ impl ServerDaemon {
             "Policy reloads refused (the previous policies stay in force)",
             reload_failures.clone(),
         );
-        let (policy_tx, policy_rx) = watch::channel(Arc::new(policies.clone()));
+        let (policy_tx, file_policies) = watch::channel(Arc::new(policies.clone()));
         if !config.policy.is_empty() {
             policy_watch::spawn(
                 config.policy.clone(),
@@ -198,6 +240,66 @@ impl ServerDaemon {
             )
             .map_err(|e| anyhow::anyhow!("watching policy files: {e}"))?;
         }
+        let cancel = CancellationToken::new();
+        let leading_gauge: Gauge = Gauge::default();
+        registry.register(
+            "agentid_server_leader",
+            "1 while this replica holds the Lease (rotates keys, publishes the bundle), else 0",
+            leading_gauge.clone(),
+        );
+        let (policy_rx, policies, leading, election) = match &kube {
+            None => (file_policies, policies, always_leading(), None),
+            Some(client) => {
+                let (crs, set) =
+                    CrPolicies::start(client.clone(), td.clone(), audit.clone(), file_policies)
+                        .await
+                        .map_err(|e| {
+                            ServerError::Kube(format!("listing AgentIdentity resources: {e}"))
+                        })?;
+                let rx = crs.subscribe();
+                tokio::spawn(crs.run(cancel.clone()));
+                let k = &config.kube_store;
+                let election = Election::new(
+                    Api::namespaced(client.clone(), &k.namespace),
+                    LeaseConfig {
+                        name: LEASE_NAME.into(),
+                        identity: k.replica_id.clone(),
+                        duration: k.lease_duration,
+                    },
+                );
+                let leading = election.subscribe();
+                let handle = tokio::spawn(election.run(cancel.clone()));
+                tokio::spawn(kube_store::publish_bundle(
+                    authority.clone(),
+                    Api::namespaced(client.clone(), &k.namespace),
+                    leading.clone(),
+                    cancel.clone(),
+                ));
+                tokio::spawn(kube_store::follow_keys(
+                    authority.clone(),
+                    Api::namespaced(client.clone(), &k.namespace),
+                    cancel.clone(),
+                ));
+                (rx, set, leading, Some(handle))
+            }
+        };
+        if policies.policies().is_empty() {
+            tracing::warn!(
+                "no policies (--policy files or AgentIdentity resources): no workload will be issued an identity yet"
+            );
+        }
+        {
+            let mut leading = leading.clone();
+            tokio::spawn(async move {
+                loop {
+                    leading_gauge.set(i64::from(*leading.borrow_and_update()));
+                    if leading.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let rotation = spawn_rotation(authority.clone(), audit.clone(), leading);
         let ready = Readiness::default();
         let cluster = match &config.k8s {
             Some(k8s) => Some(Arc::new(start_cluster(k8s, &mut registry, &ready).await?)),
@@ -253,6 +355,8 @@ impl ServerDaemon {
             admin_listener,
             ready,
             rotation,
+            cancel,
+            election,
             config,
             _policy_tx: policy_tx,
         })
@@ -273,6 +377,24 @@ impl ServerDaemon {
             "  http       http://{}/ (healthz, readyz, metrics, config)\n",
             self.admin_addr
         );
+        match &self.config.store {
+            StoreSpec::File(dir) => {
+                out += &format!("  store      {} (files, 0600)\n", dir.display())
+            }
+            StoreSpec::Kubernetes => {
+                let k = &self.config.kube_store;
+                out += &format!(
+                    "  store      kubernetes namespace {}: Secrets {} and {}, ConfigMap {}, Lease {} (replica {}, lease {})\n",
+                    k.namespace,
+                    kube_store::KEYS_SECRET,
+                    kube_store::JOIN_SECRET,
+                    kube_store::BUNDLE_CONFIGMAP,
+                    LEASE_NAME,
+                    k.replica_id,
+                    humantime::format_duration(k.lease_duration)
+                );
+            }
+        }
         match &self.cluster {
             Some(c) => {
                 let k = c.config();
@@ -333,9 +455,84 @@ impl ServerDaemon {
         };
         self.ready.set(false);
         self.rotation.abort();
+        self.cancel.cancel();
+        if let Some(election) = self.election {
+            // Releasing the Lease lets another replica take over at once.
+            let _ = tokio::time::timeout(Duration::from_secs(3), election).await;
+        }
         let _ = std::fs::remove_file(&path);
         Ok(result?)
     }
+}
+
+/// `--store file:DIR`: keys, join tokens and the audit log in a private directory.
+fn open_files(config: &ServerConfig, dir: &Path) -> Result<Opened, ServerError> {
+    let td = config.trust_domain.clone();
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| anyhow::anyhow!("creating store directory {}: {e}", dir.display()))?;
+    let authority = Arc::new(
+        Authority::open(&dir.join("authority"), td.clone(), config.authority.clone())
+            .map_err(anyhow::Error::new)?,
+    );
+    let audit_path = config
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| dir.join("audit.log"));
+    let audit = AuditLog::open(&audit_path, format!("agentid://{td}/server"))
+        .map_err(anyhow::Error::new)?;
+    let nodes: Arc<dyn DocStore> =
+        Arc::new(FileStore::open(&dir.join("nodes")).map_err(anyhow::Error::new)?);
+    let joins = Arc::new(JoinTokens::open(Some(nodes)).map_err(anyhow::Error::new)?);
+    Ok(Opened {
+        authority,
+        joins,
+        audit,
+        kube: None,
+    })
+}
+
+/// `--store kubernetes`: keys and join tokens in Secrets of the server's namespace.
+async fn open_kubernetes(config: &ServerConfig) -> Result<Opened, ServerError> {
+    let k = &config.kube_store;
+    if !(Duration::from_secs(3)..=Duration::from_secs(300)).contains(&k.lease_duration) {
+        return Err(ServerError::LeaseDuration(k.lease_duration));
+    }
+    let client = crate::k8s::api::client(&k.api)
+        .await
+        .map_err(|e| ServerError::Kube(e.to_string()))?;
+    let secrets = SecretStore::new(client.clone(), &k.namespace);
+    let (td, authority_config) = (config.trust_domain.clone(), config.authority.clone());
+    let store = secrets.clone();
+    // The store blocks on the API: open from a blocking thread.
+    let (authority, joins) = tokio::task::spawn_blocking(move || {
+        let authority = Authority::open_with(
+            Box::new(store.clone()),
+            td,
+            authority_config,
+            std::time::SystemTime::now(),
+        )?;
+        let joins = JoinTokens::open(Some(Arc::new(store)))?;
+        Ok::<_, super::AuthorityError>((authority, joins))
+    })
+    .await
+    .map_err(anyhow::Error::new)?
+    .map_err(|e| ServerError::Kube(e.to_string()))?;
+    let audit_path = config
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(KUBE_AUDIT_LOG));
+    let audit = AuditLog::open(
+        &audit_path,
+        format!("agentid://{}/server/{}", config.trust_domain, k.replica_id),
+    )
+    .map_err(anyhow::Error::new)?;
+    Ok(Opened {
+        authority: Arc::new(authority),
+        joins: Arc::new(joins),
+        audit,
+        kube: Some(client),
+    })
 }
 
 async fn wait(mut stop: watch::Receiver<bool>) {

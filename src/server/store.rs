@@ -1,8 +1,8 @@
-//! Storage for the authority's key state.
+//! Storage for the server's state documents: the authority's key state and the join tokens.
 //!
-//! The state is one document ([`KeyState`]) replaced as a whole, with a compare-and-swap on
-//! its revision: a directory here (one file, written atomically), a Kubernetes Secret later
-//! (the revision is then the Secret's `resourceVersion`).
+//! Each document is replaced as a whole, with a compare-and-swap on its revision: a file in a
+//! private directory here (written atomically, revision = its digest), or a Kubernetes Secret
+//! (`kube_store`, revision = the Secret's `resourceVersion`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -25,10 +25,12 @@ pub enum StoreError {
         "{path} is readable or writable by other users (mode {mode:o}); it must be 0700 and owned by us"
     )]
     Permissions { path: PathBuf, mode: u32 },
-    #[error("{path}: not a key state document: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
+    #[error("{what}: not a valid document: {reason}")]
+    Corrupt { what: String, reason: String },
     #[error("{0}: changed by someone else since it was read")]
-    Conflict(PathBuf),
+    Conflict(String),
+    #[error("{what}: the Kubernetes API: {reason}")]
+    Api { what: String, reason: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -41,6 +43,23 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 /// Which version of the stored document a change was based on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Revision(pub String);
+
+/// Where the server's documents live, each replaced as a whole with a compare-and-swap. Calls
+/// block (file I/O, or an API request for a Secret): make them from blocking contexts only.
+pub trait DocStore: Send + Sync + 'static {
+    /// The text of document `name` and its revision, or None if it is not stored.
+    fn load_doc(&self, name: &str) -> Result<Option<(String, Revision)>, StoreError>;
+    /// Replaces document `name` in one atomic write if its stored revision is still
+    /// `expected` (`None`: it may not exist yet); returns the new revision, or `Conflict`.
+    fn save_doc(
+        &self,
+        name: &str,
+        text: &str,
+        expected: Option<&Revision>,
+    ) -> Result<Revision, StoreError>;
+    /// Where document `name` lives, for messages.
+    fn describe(&self, name: &str) -> String;
+}
 
 /// Where the key state lives. Calls block (file I/O, or an API request for a Secret): the
 /// authority makes them from blocking contexts only.
@@ -165,36 +184,51 @@ impl FileStore {
         }
         Ok(f)
     }
+}
 
-    fn read_state(&self) -> Result<Option<(String, Revision)>, StoreError> {
-        Ok(self.read(STATE_FILE)?.map(|text| {
+impl DocStore for FileStore {
+    fn load_doc(&self, name: &str) -> Result<Option<(String, Revision)>, StoreError> {
+        Ok(self.read(name)?.map(|text| {
             let rev = Revision(crate::crypto::sha256_hex(text.as_bytes()));
             (text, rev)
         }))
     }
+
+    fn save_doc(
+        &self,
+        name: &str,
+        text: &str,
+        expected: Option<&Revision>,
+    ) -> Result<Revision, StoreError> {
+        let _lock = self.lock()?;
+        let stored = self.load_doc(name)?.map(|(_, rev)| rev);
+        if stored.as_ref() != expected {
+            return Err(StoreError::Conflict(self.describe(name)));
+        }
+        self.write(name, text.as_bytes())?;
+        Ok(Revision(crate::crypto::sha256_hex(text.as_bytes())))
+    }
+
+    fn describe(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
 }
 
-impl StateStore for FileStore {
+/// The key state is the document [`STATE_FILE`] of any document store.
+impl<D: DocStore> StateStore for D {
     fn load(&self) -> Result<Option<(KeyState, Revision)>, StoreError> {
-        let Some((text, rev)) = self.read_state()? else {
+        let Some((text, rev)) = self.load_doc(STATE_FILE)? else {
             return Ok(None);
         };
         let state = KeyState::from_json(&text).map_err(|reason| StoreError::Corrupt {
-            path: self.path(STATE_FILE),
+            what: self.describe(STATE_FILE),
             reason,
         })?;
         Ok(Some((state, rev)))
     }
 
     fn save(&self, state: &KeyState, expected: Option<&Revision>) -> Result<Revision, StoreError> {
-        let _lock = self.lock()?;
-        let stored = self.read_state()?.map(|(_, rev)| rev);
-        if stored.as_ref() != expected {
-            return Err(StoreError::Conflict(self.path(STATE_FILE)));
-        }
-        let text = state.to_json();
-        self.write(STATE_FILE, text.as_bytes())?;
-        Ok(Revision(crate::crypto::sha256_hex(text.as_bytes())))
+        self.save_doc(STATE_FILE, &state.to_json(), expected)
     }
 }
 
