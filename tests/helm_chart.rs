@@ -351,6 +351,20 @@ fn server_deployment_runs_the_authority_on_kubernetes_storage() {
     assert_eq!(c.args.as_ref().unwrap()[0], "server");
     let f = flags(c);
     assert_eq!(flag(&f, "store"), "kubernetes");
+    assert_eq!(flag(&f, "kube-namespace"), NS);
+    assert_eq!(
+        flag(&f, "audit-log"),
+        format!("{}/server-audit.log", mount_path(c, "audit"))
+    );
+    let pod_name = c.env.iter().flatten().find(|e| e.name == "POD_NAME");
+    assert_eq!(
+        pod_name
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
+        Some("metadata.name"),
+        "the replica's Lease identity is its pod name"
+    );
     assert_eq!(flag(&f, "trust-domain"), "agentid.local");
     assert_eq!(flag(&f, "listen"), "0.0.0.0:8081");
     assert_eq!(flag(&f, "admin-addr"), "0.0.0.0:9464");
@@ -513,10 +527,11 @@ fn expect(
 
 fn server_grants() -> Vec<Grant> {
     let s = "agentid-server";
-    let named = ["get", "list", "watch", "update", "patch"];
+    let named = ["get", "list", "watch", "update"];
     [
         expect(s, NS, "", &["secrets", "configmaps"], &["create"], "*"),
         expect(s, NS, "", &["secrets"], &named, "agentid-server-keys"),
+        expect(s, NS, "", &["secrets"], &named, "agentid-join-tokens"),
         expect(s, NS, "", &["configmaps"], &named, "agentid-bundle"),
         expect(s, NS, "coordination.k8s.io", &["leases"], &["create"], "*"),
         expect(
@@ -524,7 +539,7 @@ fn server_grants() -> Vec<Grant> {
             NS,
             "coordination.k8s.io",
             &["leases"],
-            &["get", "update", "patch"],
+            &["get", "update"],
             "agentid-server",
         ),
         expect(

@@ -72,6 +72,7 @@ SPIFFE allows lowercase letters, digits, '.', '-' and '_' (at most 255).
 
 {{/* Fixed names the server uses with --store kubernetes (the Role grants exactly these). */}}
 {{- define "agentid.keysSecret" -}}agentid-server-keys{{- end }}
+{{- define "agentid.joinTokensSecret" -}}agentid-join-tokens{{- end }}
 {{- define "agentid.bundleConfigMap" -}}agentid-bundle{{- end }}
 {{- define "agentid.lease" -}}agentid-server{{- end }}
 
