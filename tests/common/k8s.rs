@@ -1,28 +1,76 @@
 //! A stand-in Kubernetes API server and kubelet: real HTTPS (rustls with a throwaway CA) and the
-//! real wire formats (k8s-openapi JSON lists, newline-delimited `WatchEvent`s, a kubelet
-//! `PodList`), served from a shared, mutable set of pods and namespaces.
+//! real wire formats (k8s-openapi JSON lists, newline-delimited `WatchEvent`s, `Status` errors,
+//! a kubelet `PodList`), served from a shared, mutable store.
 //!
-//! Paths: `GET /api/v1/pods` and `GET /api/v1/namespaces`, each as a list (with
+//! Pods and namespaces: `GET /api/v1/pods` and `GET /api/v1/namespaces`, each as a list (with
 //! `metadata.resourceVersion`, `limit`/`continue`) or, with `watch=true`, as a watch from
 //! `resourceVersion` (ADDED/MODIFIED/DELETED, BOOKMARK when `allowWatchBookmarks=true`);
 //! `fieldSelector=spec.nodeName=<node>` is honoured, and without it every pod of the cluster is
-//! served. `GET /api/v1/namespaces/<ns>/pods/<name>` reads one pod. `POST
-//! /apis/authentication.k8s.io/v1/tokenreviews` answers a `TokenReview` with the status the
-//! test configured for its token (`set_token_review`; an unknown token is not authenticated).
-//! `GET /pods` is the kubelet's list of the pods on `kubelet_node`. Every request needs
-//! `Authorization: Bearer <token>` (401 otherwise).
+//! served. `GET /api/v1/namespaces/<ns>/pods/<name>` reads one pod. The test changes them
+//! (`add_pod`, `put_namespace`, …); the API does not write them.
+//!
+//! Generic namespaced objects, stored as the JSON the client sent (plus what the server sets),
+//! read and written through the API with a real API server's semantics:
+//! - `secrets` and `configmaps` (core v1): `/api/v1/namespaces/<ns>/<plural>[/<name>]`, and
+//!   `/api/v1/<plural>` to list or watch every namespace;
+//! - `leases` (`coordination.k8s.io/v1`):
+//!   `/apis/coordination.k8s.io/v1/namespaces/<ns>/leases[/<name>]` (and `…/v1/leases`);
+//! - `agentidentities` (`agentid.dev/v1alpha1`, kind `AgentIdentity`, a custom resource):
+//!   `/apis/agentid.dev/v1alpha1/namespaces/<ns>/agentidentities[/<name>]`, and
+//!   `/apis/agentid.dev/v1alpha1/agentidentities` across namespaces.
+//!
+//! Their verbs:
+//! - `GET` one: the object, or 404 `NotFound` with `details: {name, group, kind: <plural>}`.
+//! - `GET` the collection: a `<Kind>List` with the store's `resourceVersion`, `limit`/`continue`
+//!   paging; with `watch=true`, a watch as for pods.
+//! - `POST` the collection: 201 with the stored object; the server sets `resourceVersion`,
+//!   `uid`, `creationTimestamp`, the namespace from the path (and `generation` for the custom
+//!   resource); `generateName` works. 409 `AlreadyExists`; 400 `BadRequest` for a body that is
+//!   not such an object or names another namespace; 422 `Invalid` without a name or with one
+//!   that is not a DNS subdomain; 500 when the body carries a `resourceVersion` (as the real
+//!   one does).
+//! - `PUT` one: 200 with the stored object under a new `resourceVersion` (MODIFIED); a body
+//!   whose `metadata.resourceVersion` is not the stored one gets 409 `Conflict` ("the object has
+//!   been modified; …"), one without a `resourceVersion` replaces unconditionally; 404 when
+//!   absent (no create-on-update), 400 when the body's name differs from the URL's. A PUT that
+//!   changes nothing keeps the `resourceVersion` and emits no event, as etcd does.
+//! - `DELETE` one: 200 with a `Status` `Success` (the deleted object for the custom resource),
+//!   DELETED; 404 when absent; `DeleteOptions.preconditions` (`resourceVersion`, `uid`) give 409.
+//! - `PATCH`: 405 (not implemented here).
+//!
+//! `dryRun=All` validates and answers without storing; `fieldManager` is accepted and ignored.
+//! Secrets: `stringData` is folded into `data`, whose values must be base64 (400 otherwise),
+//! and `type` defaults to `Opaque`. Namespaces need not exist. Finalizers, `immutable`, status
+//! subresources and server-side apply are not modelled.
+//!
+//! Selectors, on lists and watches alike: `fieldSelector` terms `metadata.name`,
+//! `metadata.namespace` (and `spec.nodeName` for pods) with `=`, `==` or `!=`; `labelSelector`
+//! terms `k=v`, `k==v`, `k!=v`, `k`, `!k`; comma-separated terms all have to hold. Anything
+//! else is a 400.
+//!
+//! Every change, pods and namespaces included, takes the next number of one resourceVersion
+//! counter and goes into one event log that watches read. After `compact`, a watch from an
+//! older resourceVersion gets an `ERROR` event with a 410 `Expired` `Status`, as from a real
+//! API server whose watch cache has moved on.
+//!
+//! `POST /apis/authentication.k8s.io/v1/tokenreviews` answers a `TokenReview` with the status
+//! the test configured for its token (`set_token_review`; an unknown token is not
+//! authenticated). `GET /pods` is the kubelet's list of the pods on `kubelet_node`.
+//!
+//! Every request needs `Authorization: Bearer <token>` (401 otherwise). `set_down` refuses
+//! connections and ends watches, `set_garbage` makes reads answer malformed JSON (and writes
+//! too, without storing anything), and `fail_writes` makes the writes to one object fail with a
+//! chosen status. `writes` lists every write request to a generic object with the status it got.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::convert::Infallible;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
@@ -36,7 +84,15 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Query parameters this stand-in understands (what kube's list and watch send).
+mod list_watch;
+mod objects;
+mod selector;
+
+use list_watch::{list_response, watch_response};
+use objects::{ObjKey, Resource, Route};
+use selector::{Field, Meta, Selector};
+
+/// Query parameters this stand-in understands (what kube's get, list, watch and writes send).
 const KNOWN_PARAMS: &[&str] = &[
     "fieldSelector",
     "labelSelector",
@@ -48,6 +104,8 @@ const KNOWN_PARAMS: &[&str] = &[
     "timeoutSeconds",
     "allowWatchBookmarks",
     "sendInitialEvents",
+    "dryRun",
+    "fieldManager",
 ];
 
 /// How often an idle watch with bookmarks allowed gets one (a real API server: about a minute).
@@ -78,13 +136,20 @@ struct Shared {
     reviews: Mutex<BTreeMap<String, TokenReviewStatus>>,
     /// Every TokenReview asked for: (token, spec.audiences).
     reviewed: Mutex<Vec<(String, Vec<String>)>>,
+    /// Every write to a generic object: `METHOD plural namespace/name status`.
+    writes: Mutex<Vec<String>>,
+    /// (plural, name) whose writes fail with this status code.
+    failing: Mutex<BTreeMap<(String, String), u16>>,
 }
 
 #[derive(Default)]
 struct Store {
     rv: u64,
+    /// The log holds no event at or below this resourceVersion (see `compact`).
+    compacted: u64,
     pods: BTreeMap<String, Pod>,
     namespaces: BTreeMap<String, Namespace>,
+    objects: BTreeMap<ObjKey, Value>,
     events: Vec<Event>,
 }
 
@@ -92,15 +157,81 @@ struct Store {
 enum Kind {
     Pods,
     Namespaces,
+    Object(&'static Resource),
+}
+
+impl Kind {
+    fn api_version(self) -> String {
+        match self {
+            Kind::Pods | Kind::Namespaces => "v1".to_owned(),
+            Kind::Object(res) => res.api_version(),
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Kind::Pods => "Pod",
+            Kind::Namespaces => "Namespace",
+            Kind::Object(res) => res.kind,
+        }
+    }
 }
 
 struct Event {
     rv: u64,
     kind: Kind,
-    /// `spec.nodeName` of a pod, for the field selector.
-    node: Option<String>,
+    /// What selectors look at.
+    meta: Meta,
     /// The whole `{"type": …, "object": …}` line.
     line: String,
+}
+
+impl Store {
+    fn next_rv(&mut self) -> u64 {
+        self.rv += 1;
+        self.rv
+    }
+
+    fn emit(&mut self, rv: u64, kind: Kind, ty: &str, object: &Value) {
+        self.events.push(Event {
+            rv,
+            kind,
+            meta: Meta::of(object),
+            line: event_line(ty, object),
+        });
+    }
+
+    /// The objects of `kind` that `selector` picks, in list order, each with its `continue`
+    /// key.
+    fn snapshot(&self, kind: Kind, selector: &Selector) -> Vec<(String, Value)> {
+        let all: Vec<(String, Value)> = match kind {
+            Kind::Pods => self
+                .pods
+                .iter()
+                .map(|(k, p)| (k.clone(), serde_json::to_value(p).unwrap_or_default()))
+                .collect(),
+            Kind::Namespaces => self
+                .namespaces
+                .iter()
+                .map(|(k, n)| (k.clone(), serde_json::to_value(n).unwrap_or_default()))
+                .collect(),
+            Kind::Object(res) => self
+                .objects
+                .iter()
+                .filter(|(k, _)| k.plural == res.plural)
+                .map(|(k, v)| (format!("{}/{}", k.namespace, k.name), v.clone()))
+                .collect(),
+        };
+        all.into_iter()
+            .filter(|(_, v)| selector.matches(&Meta::of(v)))
+            .collect()
+    }
+}
+
+/// Continue keys compare as (namespace, name); keys without a `/` (pod UIDs, namespace names)
+/// as ("", key).
+fn key_order(key: &str) -> (&str, &str) {
+    key.split_once('/').unwrap_or(("", key))
 }
 
 impl StandIn {
@@ -122,6 +253,8 @@ impl StandIn {
             unknown_params: Mutex::new(BTreeSet::new()),
             reviews: Mutex::new(BTreeMap::new()),
             reviewed: Mutex::new(Vec::new()),
+            writes: Mutex::new(Vec::new()),
+            failing: Mutex::new(BTreeMap::new()),
         });
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
@@ -180,16 +313,14 @@ impl StandIn {
         {
             let mut st = self.shared.store.lock().unwrap();
             let mut pod = st.pods.remove(uid).expect("no such pod");
-            st.rv += 1;
-            let rv = st.rv;
+            let rv = st.next_rv();
             pod.metadata.resource_version = Some(rv.to_string());
-            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-            st.events.push(Event {
+            st.emit(
                 rv,
-                kind: Kind::Pods,
-                node,
-                line: event_line("DELETED", &pod),
-            });
+                Kind::Pods,
+                "DELETED",
+                &serde_json::to_value(&pod).unwrap(),
+            );
         }
         self.shared.bump();
     }
@@ -198,8 +329,7 @@ impl StandIn {
     pub fn put_namespace(&self, name: &str, labels: &[(&str, &str)]) {
         {
             let mut st = self.shared.store.lock().unwrap();
-            st.rv += 1;
-            let rv = st.rv;
+            let rv = st.next_rv();
             let ns = Namespace {
                 metadata: ObjectMeta {
                     name: Some(name.to_owned()),
@@ -220,15 +350,32 @@ impl StandIn {
             } else {
                 "ADDED"
             };
-            st.events.push(Event {
+            st.emit(
                 rv,
-                kind: Kind::Namespaces,
-                node: None,
-                line: event_line(ty, &ns),
-            });
+                Kind::Namespaces,
+                ty,
+                &serde_json::to_value(&ns).unwrap(),
+            );
             st.namespaces.insert(name.to_owned(), ns);
         }
         self.shared.bump();
+    }
+
+    /// Forgets the event log up to now, as a real API server's watch cache does with time: a
+    /// watch from an older resourceVersion (or an open one that has not caught up) gets an
+    /// `ERROR` event with a 410 `Expired` `Status` and ends, and must list again.
+    pub fn compact(&self) {
+        {
+            let mut st = self.shared.store.lock().unwrap();
+            st.compacted = st.rv;
+            st.events.clear();
+        }
+        self.shared.bump();
+    }
+
+    /// The current resourceVersion (of the last change to anything).
+    pub fn resource_version(&self) -> u64 {
+        self.shared.store.lock().unwrap().rv
     }
 
     /// Down: new connections are closed at once, requests on open ones get 503, and open
@@ -238,7 +385,8 @@ impl StandIn {
         self.shared.bump();
     }
 
-    /// Answers lists with malformed JSON and ends watches with a malformed line.
+    /// Answers lists and reads with malformed JSON and ends watches with a malformed line;
+    /// writes to generic objects are answered with malformed JSON and not stored.
     pub fn set_garbage(&self, garbage: bool) {
         self.shared.garbage.store(garbage, Ordering::SeqCst);
         self.shared.bump();
@@ -290,16 +438,9 @@ impl StandIn {
                 ty == "MODIFIED",
                 "{ty} of pod {uid}"
             );
-            st.rv += 1;
-            let rv = st.rv;
+            let rv = st.next_rv();
             pod.metadata.resource_version = Some(rv.to_string());
-            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-            st.events.push(Event {
-                rv,
-                kind: Kind::Pods,
-                node,
-                line: event_line(ty, &pod),
-            });
+            st.emit(rv, Kind::Pods, ty, &serde_json::to_value(&pod).unwrap());
             st.pods.insert(uid, pod);
         }
         self.shared.bump();
@@ -478,7 +619,12 @@ fn event_line<T: serde::Serialize>(ty: &str, object: &T) -> String {
 }
 
 fn status_json(code: u16, reason: &str, message: &str) -> Response {
-    let body = json!({
+    status_with_details(code, reason, message, None)
+}
+
+/// A failure `Status` as the API server sends it.
+fn status_with_details(code: u16, reason: &str, message: &str, details: Option<Value>) -> Response {
+    let mut body = json!({
         "kind": "Status",
         "apiVersion": "v1",
         "metadata": {},
@@ -487,12 +633,19 @@ fn status_json(code: u16, reason: &str, message: &str) -> Response {
         "reason": reason,
         "code": code,
     });
+    if let Some(details) = details {
+        body["details"] = details;
+    }
     (
-        StatusCode::from_u16(code).unwrap(),
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),
     )
         .into_response()
+}
+
+fn bad_request(message: &str) -> Response {
+    status_json(400, "BadRequest", message)
 }
 
 /// `POST /apis/authentication.k8s.io/v1/tokenreviews`: the configured answer for the token.
@@ -517,7 +670,7 @@ async fn token_review(s: &Shared, req: Request) -> Response {
     // The API server does not echo the token back.
     review.spec.token = None;
     review.status = Some(status);
-    let mut body = serde_json::to_value(&review).unwrap();
+    let mut body = serde_json::to_value(&review).unwrap_or_default();
     body["apiVersion"] = json!("authentication.k8s.io/v1");
     body["kind"] = json!("TokenReview");
     (
@@ -537,13 +690,49 @@ fn get_pod(s: &Shared, namespace: &str, name: &str) -> Response {
     });
     match found {
         Some(pod) => {
-            let mut body = serde_json::to_value(pod).unwrap();
+            let mut body = serde_json::to_value(pod).unwrap_or_default();
             body["apiVersion"] = json!("v1");
             body["kind"] = json!("Pod");
             json_response(&body.to_string())
         }
         None => status_json(404, "NotFound", &format!("pods \"{name}\" not found")),
     }
+}
+
+/// 503 while down, 401 without the token (the kubelet answers in plain text, the API server
+/// with a Status).
+fn refusal(s: &Shared, req: &Request, kubelet: bool) -> Option<Response> {
+    if s.down.load(Ordering::SeqCst) {
+        return Some(status_json(
+            503,
+            "ServiceUnavailable",
+            "the stand-in is down",
+        ));
+    }
+    let want = format!("Bearer {}", s.token.lock().unwrap());
+    let authorized = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .is_some_and(|v| v.as_bytes() == want.as_bytes());
+    if authorized {
+        None
+    } else if kubelet {
+        Some((StatusCode::UNAUTHORIZED, "Unauthorized\n").into_response())
+    } else {
+        Some(status_json(401, "Unauthorized", "Unauthorized"))
+    }
+}
+
+/// Parses the query and notes the parameters this stand-in does not know.
+fn query_params(s: &Shared, path: &str, query: &str) -> Vec<(String, String)> {
+    let params = parse_query(query);
+    for (k, _) in &params {
+        if !KNOWN_PARAMS.contains(&k.as_str()) {
+            eprintln!("k8s stand-in: unknown query parameter {k:?} in {path}?{query}");
+            s.unknown_params.lock().unwrap().insert(k.clone());
+        }
+    }
+    params
 }
 
 async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
@@ -553,29 +742,17 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
         .lock()
         .unwrap()
         .push(format!("{} {}", req.method(), req.uri()));
+    if let Some(route) = Route::parse(&path) {
+        return objects::serve(&s, req, route, &path, &query).await;
+    }
     let kubelet = path == "/pods";
-    if s.down.load(Ordering::SeqCst) {
-        return status_json(503, "ServiceUnavailable", "the stand-in is down");
+    if let Some(refused) = refusal(&s, &req, kubelet) {
+        return refused;
     }
-    let want = format!("Bearer {}", s.token.lock().unwrap());
-    let authorized = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .is_some_and(|v| v.as_bytes() == want.as_bytes());
-    if !authorized {
-        // The kubelet answers in plain text, the API server with a Status.
-        return if kubelet {
-            (StatusCode::UNAUTHORIZED, "Unauthorized\n").into_response()
-        } else {
-            status_json(401, "Unauthorized", "Unauthorized")
-        };
-    }
-    if req.method() == axum::http::Method::POST
-        && path == "/apis/authentication.k8s.io/v1/tokenreviews"
-    {
+    if req.method() == Method::POST && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
         return token_review(&s, req).await;
     }
-    if req.method() != axum::http::Method::GET {
+    if req.method() != Method::GET {
         return status_json(405, "MethodNotAllowed", "only GET is served");
     }
     if let Some(rest) = path.strip_prefix("/api/v1/namespaces/")
@@ -583,109 +760,35 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
     {
         return get_pod(&s, namespace, name);
     }
-    let params = parse_query(&query);
-    for (k, _) in &params {
-        if !KNOWN_PARAMS.contains(&k.as_str()) {
-            eprintln!("k8s stand-in: unknown query parameter {k:?} in {path}?{query}");
-            s.unknown_params.lock().unwrap().insert(k.clone());
-        }
-    }
+    let params = query_params(&s, &path, &query);
     let param = |name: &str| {
         params
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     };
-    if param("labelSelector").is_some_and(|l| !l.is_empty()) {
-        return status_json(400, "BadRequest", "labelSelector is not supported here");
-    }
-    let node = match param("fieldSelector").filter(|f| !f.is_empty()) {
-        None => None,
-        Some(f) => match f.strip_prefix("spec.nodeName=") {
-            Some(node) if !node.contains(',') => Some(node.to_owned()),
-            _ => {
-                return status_json(
-                    400,
-                    "BadRequest",
-                    &format!("unsupported fieldSelector {f:?}"),
-                );
-            }
-        },
-    };
-    let node = node.filter(|_| !s.ignore_node_filter.load(Ordering::SeqCst));
     let kind = match path.as_str() {
         "/api/v1/pods" => Kind::Pods,
-        "/api/v1/namespaces" => {
-            if node.is_some() {
-                return status_json(400, "BadRequest", "namespaces have no spec.nodeName");
-            }
-            Kind::Namespaces
-        }
+        "/api/v1/namespaces" => Kind::Namespaces,
         "/pods" => return kubelet_pods(&s),
         _ => return status_json(404, "NotFound", &format!("{path} is not served here")),
     };
-    if param("watch") == Some("true") {
-        watch_response(&s, kind, node, &param)
+    let mut selector = match Selector::parse(kind, &param) {
+        Ok(selector) => selector,
+        Err(e) => return bad_request(&e),
+    };
+    if s.ignore_node_filter.load(Ordering::SeqCst) {
+        selector.fields.retain(|t| t.field != Field::Node);
+    }
+    if is_watch(&param) {
+        watch_response(&s, kind, selector, &param)
     } else {
-        list_response(&s, kind, node.as_deref(), &param)
+        list_response(&s, kind, &selector, &param)
     }
 }
 
-fn list_response<'a>(
-    s: &Shared,
-    kind: Kind,
-    node: Option<&str>,
-    param: &impl Fn(&str) -> Option<&'a str>,
-) -> Response {
-    if s.garbage.load(Ordering::SeqCst) {
-        return json_response("{\"kind\":\"PodList\",\"items\":[{\"metadata\":");
-    }
-    let limit: usize = param("limit")
-        .and_then(|l| l.parse().ok())
-        .filter(|l| *l > 0)
-        .unwrap_or(usize::MAX);
-    let after = param("continue").unwrap_or_default().to_owned();
-    let st = s.store.lock().unwrap();
-    let objects: Vec<(String, Value)> = match kind {
-        Kind::Pods => st
-            .pods
-            .iter()
-            .filter(|(_, p)| node.is_none() || pod_node(p) == node)
-            .map(|(k, p)| (k.clone(), serde_json::to_value(p).unwrap()))
-            .collect(),
-        Kind::Namespaces => st
-            .namespaces
-            .iter()
-            .map(|(k, n)| (k.clone(), serde_json::to_value(n).unwrap()))
-            .collect(),
-    };
-    let mut rest = objects
-        .into_iter()
-        .filter(|(k, _)| after.is_empty() || *k > after)
-        .peekable();
-    let mut items = Vec::new();
-    let mut last = String::new();
-    while items.len() < limit {
-        let Some((k, v)) = rest.next() else { break };
-        last = k;
-        items.push(v);
-    }
-    let continue_token = if rest.peek().is_some() {
-        last
-    } else {
-        String::new()
-    };
-    let list_kind = match kind {
-        Kind::Pods => "PodList",
-        Kind::Namespaces => "NamespaceList",
-    };
-    let body = json!({
-        "kind": list_kind,
-        "apiVersion": "v1",
-        "metadata": {"resourceVersion": st.rv.to_string(), "continue": continue_token},
-        "items": items,
-    });
-    json_response(&body.to_string())
+fn is_watch<'a>(param: &impl Fn(&str) -> Option<&'a str>) -> bool {
+    matches!(param("watch"), Some("true" | "1"))
 }
 
 fn kubelet_pods(s: &Shared) -> Response {
@@ -702,140 +805,6 @@ fn kubelet_pods(s: &Shared) -> Response {
     // The kubelet's list carries no resourceVersion.
     let body = json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items});
     json_response(&body.to_string())
-}
-
-struct WatchState {
-    s: Arc<Shared>,
-    kind: Kind,
-    node: Option<String>,
-    cursor: u64,
-    pending: VecDeque<String>,
-    changes: watch::Receiver<u64>,
-    deadline: tokio::time::Instant,
-    bookmarks: bool,
-    done: bool,
-}
-
-fn watch_response<'a>(
-    s: &Arc<Shared>,
-    kind: Kind,
-    node: Option<String>,
-    param: &impl Fn(&str) -> Option<&'a str>,
-) -> Response {
-    let timeout = param("timeoutSeconds")
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(1800u64);
-    let bookmarks = param("allowWatchBookmarks") == Some("true");
-    let initial_events = param("sendInitialEvents") == Some("true");
-    let mut pending = VecDeque::new();
-    let st = s.store.lock().unwrap();
-    // "0" or none: start now, with the current objects as ADDED (as the API server does).
-    let cursor = match param("resourceVersion").filter(|rv| !rv.is_empty() && *rv != "0") {
-        Some(rv) => match rv.parse::<u64>() {
-            Ok(rv) => rv,
-            Err(_) => {
-                return status_json(400, "BadRequest", &format!("bad resourceVersion {rv:?}"));
-            }
-        },
-        None => {
-            match kind {
-                Kind::Pods => pending.extend(
-                    st.pods
-                        .values()
-                        .filter(|p| node.is_none() || pod_node(p) == node.as_deref())
-                        .map(|p| event_line("ADDED", p)),
-                ),
-                Kind::Namespaces => {
-                    pending.extend(st.namespaces.values().map(|n| event_line("ADDED", n)));
-                }
-            }
-            if initial_events {
-                pending.push_back(bookmark_line(
-                    kind,
-                    st.rv,
-                    &[("k8s.io/initial-events-end", "true")],
-                ));
-            }
-            st.rv
-        }
-    };
-    drop(st);
-    let state = WatchState {
-        s: s.clone(),
-        kind,
-        node,
-        cursor,
-        pending,
-        changes: s.changed.subscribe(),
-        deadline: tokio::time::Instant::now() + Duration::from_secs(timeout),
-        bookmarks,
-        done: false,
-    };
-    let stream = futures::stream::unfold(state, |mut w| async move {
-        loop {
-            if let Some(line) = w.pending.pop_front() {
-                return Some((Ok::<Bytes, Infallible>(Bytes::from(line)), w));
-            }
-            if w.done || w.s.down.load(Ordering::SeqCst) {
-                return None;
-            }
-            if w.s.garbage.load(Ordering::SeqCst) {
-                w.pending
-                    .push_back("{\"type\":\"ADDED\",\"object\":[1,2\n".to_owned());
-                w.done = true;
-                continue;
-            }
-            w.changes.borrow_and_update();
-            {
-                let st = w.s.store.lock().unwrap();
-                let seen = w.cursor;
-                for ev in st.events.iter().filter(|e| e.rv > seen) {
-                    w.cursor = ev.rv;
-                    if ev.kind == w.kind
-                        && (w.node.is_none() || ev.node.as_deref() == w.node.as_deref())
-                    {
-                        w.pending.push_back(ev.line.clone());
-                    }
-                }
-                // Keep the cursor at the store's version even when no event matched.
-                w.cursor = w.cursor.max(st.rv);
-            }
-            if !w.pending.is_empty() {
-                continue;
-            }
-            tokio::select! {
-                _ = w.changes.changed() => {}
-                () = tokio::time::sleep(BOOKMARK_EVERY), if w.bookmarks => {
-                    w.pending.push_back(bookmark_line(w.kind, w.cursor, &[]));
-                }
-                () = tokio::time::sleep_until(w.deadline) => return None,
-            }
-        }
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from_stream(stream))
-        .unwrap()
-}
-
-fn bookmark_line(kind: Kind, rv: u64, annotations: &[(&str, &str)]) -> String {
-    let kind = match kind {
-        Kind::Pods => "Pod",
-        Kind::Namespaces => "Namespace",
-    };
-    let annotations: BTreeMap<&str, &str> = annotations.iter().copied().collect();
-    let mut line = json!({
-        "type": "BOOKMARK",
-        "object": {
-            "kind": kind,
-            "apiVersion": "v1",
-            "metadata": {"resourceVersion": rv.to_string(), "annotations": annotations},
-        },
-    })
-    .to_string();
-    line.push('\n');
-    line
 }
 
 fn json_response(body: &str) -> Response {
