@@ -430,7 +430,14 @@ impl pb::node_server::Node for NodeApi {
                     ));
                 }
                 let now = time::OffsetDateTime::now_utc().unix_timestamp();
-                if let Err(e) = self.joins.redeem(token, &body.node_name, now) {
+                // The store may block on the API server.
+                let (joins, token, name) =
+                    (self.joins.clone(), token.clone(), body.node_name.clone());
+                let redeemed =
+                    tokio::task::spawn_blocking(move || joins.redeem(&token, &name, now))
+                        .await
+                        .unwrap_or_else(|e| Err(JoinError::Store(e.to_string())));
+                if let Err(e) = redeemed {
                     let status = match e {
                         JoinError::Store(_) => Status::unavailable(e.to_string()),
                         _ => Status::permission_denied(format!("node attestation refused: {e}")),

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::authority::Authority;
 use super::cluster::{Cluster, ClusterConfig, ClusterError};
 use super::crd::CrPolicies;
-use super::join::JoinTokens;
+use super::join::{JoinError, JoinTokens};
 use super::keys::AuthorityConfig;
 use super::kube_store::{self, SecretStore};
 use super::lease::{Election, LEASE_NAME, LeaseConfig};
@@ -659,10 +659,16 @@ impl pb::server_admin_server::ServerAdmin for AdminApi {
         let ttl = Duration::from_secs(u64::try_from(body.ttl_seconds).unwrap_or(0));
         let node = Some(body.node_name).filter(|n| !n.is_empty());
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let (token, expires_at) = self
-            .joins
-            .create(ttl, node.clone(), now)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // The store may block on the API server.
+        let (joins, bound) = (self.joins.clone(), node.clone());
+        let (token, expires_at) =
+            tokio::task::spawn_blocking(move || joins.create(ttl, bound, now))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| match e {
+                    JoinError::Store(_) => Status::unavailable(e.to_string()),
+                    _ => Status::invalid_argument(e.to_string()),
+                })?;
         let reason = format!(
             "join token created, valid {}{}",
             humantime::format_duration(ttl),

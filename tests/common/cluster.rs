@@ -89,3 +89,60 @@ pub fn launch_node(
         "SPIFFE_ENDPOINT_SOCKET=",
     )
 }
+
+/// Where a `--store kubernetes` server finds the API server: URL, CA file, token file.
+pub struct KubeApi {
+    pub url: String,
+    pub ca: PathBuf,
+    pub token: PathBuf,
+}
+
+/// Starts `agentid server --store kubernetes` as replica `replica` in namespace `agentid`,
+/// with its admin socket, audit log and logs under `dir`, listening on `listen`, and `extra`
+/// flags; waits for its banner.
+pub fn launch_kube_server(
+    dir: &Path,
+    api: &KubeApi,
+    replica: &str,
+    listen: &str,
+    extra: &[String],
+) -> Result<Daemon, String> {
+    let admin_socket = dir.join("admin.sock");
+    let mut args: Vec<String> = vec![
+        "server".into(),
+        "--store=kubernetes".into(),
+        format!("--kube-api-url={}", api.url),
+        format!("--kube-ca-file={}", api.ca.display()),
+        format!("--kube-token-file={}", api.token.display()),
+        "--kube-namespace=agentid".into(),
+        format!("--replica-id={replica}"),
+        format!("--audit-log={}", dir.join("audit.log").display()),
+        format!("--listen={listen}"),
+        "--admin-socket".into(),
+        admin_socket.display().to_string(),
+        "--admin-addr=127.0.0.1:0".into(),
+    ];
+    args.extend_from_slice(extra);
+    Daemon::launch(
+        &dir.join("server-run"),
+        &args,
+        admin_socket,
+        dir.to_owned(),
+        "join a host:",
+    )
+}
+
+/// `agentid server token create` through `admin_socket`; the token.
+pub fn join_token(admin_socket: &Path) -> String {
+    let out = std::process::Command::new(bin())
+        .args(["server", "token", "create", "--admin-socket"])
+        .arg(admin_socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "token create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
