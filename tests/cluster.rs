@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use agentid::api::node as pb;
 use agentid::api::node::node_client::NodeClient;
-use agentid::crypto::tls::{self, Accept, Identity, Trust};
+use agentid::crypto::tls::{self, Accept, Trust};
 use agentid::crypto::{PrivateKey, x509::CertInfo};
 use agentid::node::remote::server_channel;
 use agentid::spiffe::SpiffeBundle;
+use common::cluster::{identity_from, next_id};
 use common::{Daemon, cluster, my_uid};
-use futures::StreamExt;
 
 const TD: &str = "agentid.local";
 
@@ -62,24 +62,7 @@ impl Server {
 
     /// `agentid server token create`; the token.
     fn token(&self, extra: &[&str]) -> String {
-        let mut args = vec![
-            "server",
-            "token",
-            "create",
-            "--admin-socket",
-            self.admin_socket.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let out = std::process::Command::new(common::bin())
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "token create: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        cluster::join_token(&self.admin_socket, extra)
     }
 
     /// `agentid bundle export` into a file; its path.
@@ -109,19 +92,6 @@ async fn client(d: &Daemon) -> spiffe::WorkloadApiClient {
     spiffe::WorkloadApiClient::connect_to(d.endpoint())
         .await
         .unwrap()
-}
-
-/// The SPIFFE ID of the next SVID the stream sends, within `limit`.
-async fn next_id<S>(stream: &mut S, limit: Duration) -> Option<String>
-where
-    S: futures::Stream<Item = Result<spiffe::X509Svid, spiffe::workload_api::WorkloadApiError>>
-        + Unpin,
-{
-    match tokio::time::timeout(limit, stream.next()).await {
-        Ok(Some(Ok(svid))) => Some(svid.spiffe_id().to_string()),
-        Ok(Some(Err(e))) => panic!("stream error: {e}"),
-        _ => None,
-    }
 }
 
 /// Two nodes joined to one server: each issues SVIDs the server signed (they verify against
@@ -397,18 +367,6 @@ async fn node_api_refuses_garbage_impersonation_and_overreach() {
 }
 
 /// A TLS identity from PEM files: a certificate chain and its PKCS#8 key.
-fn identity_from(chain: &Path, key: &Path) -> Identity {
-    let chain: Vec<Vec<u8>> = pem::parse_many(std::fs::read(chain).unwrap())
-        .unwrap()
-        .into_iter()
-        .map(pem::Pem::into_contents)
-        .collect();
-    let key = pem::parse(std::fs::read(key).unwrap())
-        .unwrap()
-        .into_contents();
-    Identity::new(&chain, &key).unwrap()
-}
-
 fn sign_request(path: &str, uid: u32, composite: &str) -> pb::SignX509SvidRequest {
     pb::SignX509SvidRequest {
         spiffe_id: format!("spiffe://{TD}{path}"),
@@ -452,17 +410,13 @@ async fn server_restart_is_invisible_to_workloads() {
     let tmp_policy = server.policy.with_extension("tmp");
     std::fs::write(&tmp_policy, policy("/agent/after-restart")).unwrap();
     std::fs::rename(&tmp_policy, &server.policy).unwrap();
-    let want = format!("spiffe://{TD}/agent/after-restart");
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let id = next_id(&mut stream, left)
-            .await
-            .expect("the node reconnected and the change reached the stream");
-        if id == want {
-            break;
-        }
-    }
+    cluster::wait_for_id(
+        &mut stream,
+        &format!("spiffe://{TD}/agent/after-restart"),
+        Duration::from_secs(40),
+        "the node reconnected and the change reached the stream",
+    )
+    .await;
     let (_, metrics) = common::http_get(&a.admin, "/metrics");
     assert!(metrics.contains("agentid_node_server_up 1"), "{metrics}");
 }

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use common::cluster::{self, KubeApi};
 use common::k8s::StandIn;
 use common::{Daemon, my_uid};
-use futures::StreamExt;
 use serde_json::Value;
 
 const TD: &str = "agentid.local";
@@ -78,16 +77,15 @@ fn find(v: &Value, key: &str) -> Option<String> {
     }
 }
 
-async fn next_id<S>(stream: &mut S, limit: Duration) -> Option<String>
-where
-    S: futures::Stream<Item = Result<spiffe::X509Svid, spiffe::workload_api::WorkloadApiError>>
-        + Unpin,
-{
-    match tokio::time::timeout(limit, stream.next()).await {
-        Ok(Some(Ok(svid))) => Some(svid.spiffe_id().to_string()),
-        Ok(Some(Err(e))) => panic!("stream error: {e}"),
-        _ => None,
-    }
+async fn standin(dir: &Path) -> (StandIn, KubeApi) {
+    let standin = StandIn::start("ha-token", "node-a").await;
+    let (ca, token) = standin.write_files(dir);
+    let api = KubeApi {
+        url: standin.url.clone(),
+        ca,
+        token,
+    };
+    (standin, api)
 }
 
 /// A server's Prometheus metrics.
@@ -105,13 +103,7 @@ fn start(dir: &Path, api: &KubeApi, replica: &str, policy: &Path) -> Daemon {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lease_holder_rotates_and_a_survivor_takes_over_mid_rotation() {
     let tmp = tempfile::tempdir().unwrap();
-    let standin = StandIn::start("ha-token", "node-a").await;
-    let (ca, token) = standin.write_files(tmp.path());
-    let api = KubeApi {
-        url: standin.url.clone(),
-        ca,
-        token,
-    };
+    let (standin, api) = standin(tmp.path()).await;
     let policy_path = tmp.path().join("agents.yaml");
     std::fs::write(&policy_path, policy("/agent/before")).unwrap();
 
@@ -132,7 +124,10 @@ async fn the_lease_holder_rotates_and_a_survivor_takes_over_mid_rotation() {
         &format!("{url_a},{url_b}"),
         &bundle,
         "host-1",
-        &["--join-token".to_owned(), cluster::join_token(&b.socket)],
+        &[
+            "--join-token".to_owned(),
+            cluster::join_token(&b.socket, &[]),
+        ],
     )
     .unwrap_or_else(|e| panic!("node: {e}"));
     let client = spiffe::WorkloadApiClient::connect_to(node.endpoint())
@@ -140,7 +135,7 @@ async fn the_lease_holder_rotates_and_a_survivor_takes_over_mid_rotation() {
         .unwrap();
     let mut stream = client.stream_x509_svids().await.unwrap();
     assert_eq!(
-        next_id(&mut stream, Duration::from_secs(5))
+        cluster::next_id(&mut stream, Duration::from_secs(5))
             .await
             .as_deref(),
         Some(format!("spiffe://{TD}/agent/before").as_str())
@@ -210,17 +205,13 @@ async fn the_lease_holder_rotates_and_a_survivor_takes_over_mid_rotation() {
     // The node failed over to b: a policy change (b reloads the file) reaches the stream.
     std::fs::write(policy_path.with_extension("tmp"), policy("/agent/after")).unwrap();
     std::fs::rename(policy_path.with_extension("tmp"), &policy_path).unwrap();
-    let want = format!("spiffe://{TD}/agent/after");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let id = next_id(&mut stream, left)
-            .await
-            .expect("the node reached replica-b and the change reached the stream");
-        if id == want {
-            break;
-        }
-    }
+    cluster::wait_for_id(
+        &mut stream,
+        &format!("spiffe://{TD}/agent/after"),
+        Duration::from_secs(30),
+        "the node reached replica-b and the change reached the stream",
+    )
+    .await;
     let (_, metrics) = common::http_get(&node.admin, "/metrics");
     assert!(metrics.contains("agentid_node_server_up 1"), "{metrics}");
     assert!(metrics_of(&b).contains("agentid_server_leader 1"));
@@ -232,13 +223,7 @@ async fn the_lease_holder_rotates_and_a_survivor_takes_over_mid_rotation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_that_cannot_renew_stops_rotating() {
     let tmp = tempfile::tempdir().unwrap();
-    let standin = StandIn::start("ha-token", "node-a").await;
-    let (ca, token) = standin.write_files(tmp.path());
-    let api = KubeApi {
-        url: standin.url.clone(),
-        ca,
-        token,
-    };
+    let (standin, api) = standin(tmp.path()).await;
     let policy_path = tmp.path().join("agents.yaml");
     std::fs::write(&policy_path, policy("/agent/x")).unwrap();
     let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use agentid::api::node as pb;
 use agentid::api::node::node_client::NodeClient;
-use agentid::crypto::tls::{self, Accept, Identity, Trust};
+use agentid::crypto::tls::{self, Accept, Trust};
 use agentid::node::remote::server_channel;
 use agentid::spiffe::SpiffeBundle;
 use base64::Engine;
@@ -155,7 +155,7 @@ async fn state_lives_in_the_cluster_and_survives_a_restart() {
     assert_eq!(lease["spec"]["holderIdentity"], "replica-1");
 
     // Join tokens: digests only, in their own Secret.
-    let token = cluster::join_token(&first.socket);
+    let token = cluster::join_token(&first.socket, &[]);
     let digests = secret_doc(&standin, "agentid-join-tokens", "join-tokens.json").unwrap();
     assert!(!digests.contains(&token), "only digests are stored");
     assert_eq!(
@@ -289,13 +289,13 @@ async fn agentidentity_changes_reach_node_daemons() {
         "host-1",
         &[
             "--join-token".to_owned(),
-            cluster::join_token(&server.socket),
+            cluster::join_token(&server.socket, &[]),
         ],
     )
     .unwrap();
 
     // The node's own SVID, on the node API's sync stream (what the node daemon reads).
-    let id = identity(
+    let id = cluster::identity_from(
         &node.state.join("node-svid.pem"),
         &node.state.join("node-svid.key"),
     );
@@ -358,16 +358,4 @@ async fn next_change(sync: &mut tonic::Streaming<pb::SyncResponse>) -> pb::SyncR
         .expect("a change within 10 s")
         .unwrap()
         .unwrap()
-}
-
-fn identity(chain: &Path, key: &Path) -> Identity {
-    let chain: Vec<Vec<u8>> = pem::parse_many(std::fs::read(chain).unwrap())
-        .unwrap()
-        .into_iter()
-        .map(pem::Pem::into_contents)
-        .collect();
-    let key = pem::parse(std::fs::read(key).unwrap())
-        .unwrap()
-        .into_contents();
-    Identity::new(&chain, &key).unwrap()
 }

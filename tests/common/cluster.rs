@@ -1,6 +1,7 @@
 //! Launching `agentid server` and `agentid node` as real processes, shared by the cluster tests.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::{Daemon, bin};
 
@@ -132,11 +133,12 @@ pub fn launch_kube_server(
     )
 }
 
-/// `agentid server token create` through `admin_socket`; the token.
-pub fn join_token(admin_socket: &Path) -> String {
+/// `agentid server token create` through `admin_socket` with `extra` flags; the token.
+pub fn join_token(admin_socket: &Path, extra: &[&str]) -> String {
     let out = std::process::Command::new(bin())
         .args(["server", "token", "create", "--admin-socket"])
         .arg(admin_socket)
+        .args(extra)
         .output()
         .unwrap();
     assert!(
@@ -145,4 +147,52 @@ pub fn join_token(admin_socket: &Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// A TLS identity from a PEM chain file and a PEM key file (a node SVID a node stored, or an
+/// SVID `agentid x509 fetch` wrote).
+pub fn identity_from(chain: &Path, key: &Path) -> agentid::crypto::tls::Identity {
+    let chain: Vec<Vec<u8>> = pem::parse_many(std::fs::read(chain).unwrap())
+        .unwrap()
+        .into_iter()
+        .map(pem::Pem::into_contents)
+        .collect();
+    let key = pem::parse(std::fs::read(key).unwrap())
+        .unwrap()
+        .into_contents();
+    agentid::crypto::tls::Identity::new(&chain, &key).unwrap()
+}
+
+/// The SPIFFE ID of the next SVID an X509-SVID stream sends, within `limit`; panics on a
+/// stream error.
+pub async fn next_id<S>(stream: &mut S, limit: Duration) -> Option<String>
+where
+    S: futures::Stream<Item = Result<spiffe::X509Svid, spiffe::workload_api::WorkloadApiError>>
+        + Unpin,
+{
+    use futures::StreamExt;
+    match tokio::time::timeout(limit, stream.next()).await {
+        Ok(Some(Ok(svid))) => Some(svid.spiffe_id().to_string()),
+        Ok(Some(Err(e))) => panic!("stream error: {e}"),
+        _ => None,
+    }
+}
+
+/// Reads the stream until it sends an SVID for `want`, within `limit`; panics with `what`
+/// otherwise.
+pub async fn wait_for_id<S>(stream: &mut S, want: &str, limit: Duration, what: &str)
+where
+    S: futures::Stream<Item = Result<spiffe::X509Svid, spiffe::workload_api::WorkloadApiError>>
+        + Unpin,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let id = next_id(stream, left)
+            .await
+            .unwrap_or_else(|| panic!("{what}: no SVID for {want} within {limit:?}"));
+        if id == want {
+            return;
+        }
+    }
 }
