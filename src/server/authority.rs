@@ -7,7 +7,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Map, Value};
 use tokio::sync::watch;
@@ -120,6 +120,11 @@ pub struct Authority {
     changing: Mutex<()>,
     bundle: watch::Sender<Arc<SpiffeBundle>>,
     config: AuthorityConfig,
+    /// When the state in force was last read from or written to the store.
+    confirmed: Mutex<Instant>,
+    /// With a store other replicas write: how long signing may go on without confirming the
+    /// state is still the stored one. `None`: this process is the store's only writer.
+    max_unconfirmed: Option<Duration>,
 }
 
 const TD_FILE: &str = "trust-domain";
@@ -201,7 +206,35 @@ impl Authority {
             changing: Mutex::new(()),
             bundle: watch::Sender::new(bundle),
             config,
+            confirmed: Mutex::new(Instant::now()),
+            max_unconfirmed: None,
         })
+    }
+
+    /// Refuses to sign once the state in force has not been confirmed with the store (by a
+    /// read or write, e.g. [`Authority::reload`]) for `limit`: with replicas sharing the
+    /// store, a replica cut off from it could otherwise sign with a key the others have
+    /// retired. `limit` must stay below the retirement grace ([`super::state::RETIRE_GRACE`]), which
+    /// covers what such a replica signed before it stopped.
+    pub fn require_confirmation(mut self, limit: Duration) -> Self {
+        self.max_unconfirmed = Some(limit);
+        self
+    }
+
+    fn confirm(&self) {
+        *self.confirmed.lock().expect("confirmed lock") = Instant::now();
+    }
+
+    /// Whether signing is allowed: the state in force was confirmed recently enough.
+    pub fn check_confirmed(&self) -> Result<(), AuthorityError> {
+        let Some(limit) = self.max_unconfirmed else {
+            return Ok(());
+        };
+        let age = self.confirmed.lock().expect("confirmed lock").elapsed();
+        if age > limit {
+            return Err(AuthorityError::Unconfirmed(age, limit));
+        }
+        Ok(())
     }
 
     /// The trust domain this authority signs for.
@@ -241,6 +274,7 @@ impl Authority {
         extensions: &[Extension],
     ) -> Result<Vec<Vec<u8>>, AuthorityError> {
         self.check_td(id)?;
+        self.check_confirmed()?;
         let ttl = ttl.min(X509_TTL_RANGE.1);
         let live = self.live.read().expect("keys lock");
         let leaf = live
@@ -262,6 +296,7 @@ impl Authority {
         extra: Map<String, Value>,
     ) -> Result<String, AuthorityError> {
         self.check_td(id)?;
+        self.check_confirmed()?;
         let ttl = ttl.min(MAX_JWT_LIFETIME);
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let claims = JwtSvidClaims {
@@ -444,6 +479,7 @@ impl Authority {
                 Ok(revision) => {
                     let sequence = state.sequence;
                     self.install(Live::new(state, revision)?);
+                    self.confirm();
                     return Ok(pending.into_iter().map(|p| event(p, sequence)).collect());
                 }
                 Err(StoreError::Conflict(what)) if !reloaded => {
@@ -467,6 +503,7 @@ impl Authority {
             return Ok(false);
         };
         if revision == self.live.read().expect("keys lock").revision {
+            self.confirm();
             return Ok(false);
         }
         if state.trust_domain != self.td.as_str() {
@@ -476,6 +513,7 @@ impl Authority {
             });
         }
         self.install(Live::new(state, revision)?);
+        self.confirm();
         Ok(true)
     }
 
@@ -627,6 +665,52 @@ mod tests {
             err.to_string().contains("keys.json: not a valid document"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_replica_that_cannot_confirm_its_keys_stops_signing_until_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let a = Authority::open_with(
+            Box::new(store.clone()),
+            td(),
+            AuthorityConfig::default(),
+            SystemTime::now(),
+        )
+        .unwrap()
+        .require_confirmation(Duration::from_millis(50));
+        let k = PrivateKey::generate().unwrap();
+        let id = td().id("/w").unwrap();
+        let sign =
+            |a: &Authority| a.sign_x509_svid(&id, &k.spki_der(), Duration::from_secs(60), &[]);
+        sign(&a).unwrap();
+        std::thread::sleep(Duration::from_millis(80));
+        let err = sign(&a).unwrap_err();
+        assert!(matches!(err, AuthorityError::Unconfirmed(..)), "{err}");
+        assert!(
+            err.to_string()
+                .contains("not been confirmed with the store"),
+            "{err}"
+        );
+        assert!(
+            a.sign_jwt_svid(&id, &["x".into()], Duration::from_secs(60), Map::new())
+                .is_err()
+        );
+        // Reading the store, unchanged, confirms it again.
+        assert!(!a.reload().unwrap());
+        sign(&a).unwrap();
+        // Another writer's change is taken up (and confirms as well).
+        let b = Authority::open_with(
+            Box::new(store),
+            td(),
+            AuthorityConfig::default(),
+            SystemTime::now(),
+        )
+        .unwrap();
+        b.rotate_now(KeyKind::X509Ca).unwrap();
+        assert!(a.reload().unwrap());
+        assert_eq!(a.bundle().x509_authorities, b.bundle().x509_authorities);
+        assert_eq!(a.bundle().sequence, b.bundle().sequence);
     }
 
     #[test]

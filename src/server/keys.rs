@@ -35,6 +35,12 @@ pub enum AuthorityError {
     SignJwt(JwtError),
     #[error("refusing to sign for {0}: it is not in trust domain {1}")]
     ForeignId(SpiffeId, TrustDomain),
+    #[error(
+        "refusing to sign: the keys have not been confirmed with the store for {}s (limit {}s); another replica may have rotated them (is the API server reachable?)",
+        .0.as_secs(),
+        .1.as_secs()
+    )]
+    Unconfirmed(std::time::Duration, std::time::Duration),
 }
 
 /// A rotation setting that would let a key sign before peers can know it.

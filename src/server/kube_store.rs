@@ -264,14 +264,25 @@ async fn write_bundle(
     }
 }
 
+/// How long a replica signs without confirming its keys are the stored ones: half the
+/// retirement grace, so what it signed with a key another replica retired meanwhile is still
+/// covered by that key's grace.
+pub const CONFIRM_LIMIT: Duration = Duration::from_secs(150);
+/// How often the stored keys are read even when the watch is quiet (it can fail silently).
+const CONFIRM_EVERY: Duration = Duration::from_secs(30);
+
 /// Follows the key Secret until `cancel`: every change another replica stores (a scheduled
-/// rotation by the Lease holder, an emergency one through any replica) is taken up here.
+/// rotation by the Lease holder, an emergency one through any replica) is taken up here, and
+/// the keys are re-read every [`CONFIRM_EVERY`] besides (see `Authority::check_confirmed`).
 pub async fn follow_keys(authority: Arc<Authority>, api: Api<Secret>, cancel: CancellationToken) {
     let config = watcher::Config::default().fields(&format!("metadata.name={KEYS_SECRET}"));
     let mut events = watcher::watcher(api, config).default_backoff().boxed();
+    let mut confirm = tokio::time::interval(CONFIRM_EVERY);
+    confirm.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {
             () = cancel.cancelled() => return,
+            _ = confirm.tick() => Some(Ok(Event::InitDone)),
             next = events.next() => next,
         };
         match next {

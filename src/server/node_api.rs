@@ -548,7 +548,13 @@ impl pb::node_server::Node for NodeApi {
         let chain = self
             .authority
             .sign_x509_svid(&e.spiffe_id, &body.public_key, e.x509_ttl, &extensions)
-            .map_err(|err| Status::unavailable(format!("signing: {err}")))?;
+            .map_err(|err| {
+                self.refuse(
+                    &body.spiffe_id,
+                    &what,
+                    Status::unavailable(format!("signing: {err}")),
+                )
+            })?;
         let mut credential = Credential::new(CredentialKind::X509Svid);
         if let Ok(info) = CertInfo::parse(&chain[0]) {
             credential = credential
@@ -586,7 +592,13 @@ impl pb::node_server::Node for NodeApi {
         let token = self
             .authority
             .sign_jwt_svid(&e.spiffe_id, &body.audience, e.jwt_ttl, claims)
-            .map_err(|err| Status::unavailable(format!("signing: {err}")))?;
+            .map_err(|err| {
+                self.refuse(
+                    &body.spiffe_id,
+                    &what,
+                    Status::unavailable(format!("signing: {err}")),
+                )
+            })?;
         let credential = Credential::new(CredentialKind::JwtSvid)
             .aud(body.audience.clone())
             .fingerprint_of(token.as_bytes());
@@ -616,6 +628,13 @@ impl pb::node_server::Node for NodeApi {
         let rules = checked.entitlement.token_rules.clone();
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let a = &self.authority;
+        a.check_confirmed().map_err(|e| {
+            self.refuse(
+                &body.spiffe_id,
+                "task token",
+                Status::unavailable(e.to_string()),
+            )
+        })?;
         let (issued, action) = match &body.op {
             Some(pb::sign_task_token_request::Op::Mint(m)) => {
                 let m = convert::mint_request(m)?;

@@ -301,6 +301,14 @@ impl ServerDaemon {
         }
         let rotation = spawn_rotation(authority.clone(), audit.clone(), leading);
         let ready = Readiness::default();
+        if kube.is_some() {
+            // Not ready (and not signing) while the keys cannot be confirmed with the store.
+            let a = authority.clone();
+            ready.add_check(Arc::new(move || match a.check_confirmed() {
+                Ok(()) => Ok("keys confirmed with the store".into()),
+                Err(e) => Err(e.to_string()),
+            }));
+        }
         let cluster = match &config.k8s {
             Some(k8s) => Some(Arc::new(start_cluster(k8s, &mut registry, &ready).await?)),
             None => None,
@@ -511,7 +519,8 @@ async fn open_kubernetes(config: &ServerConfig) -> Result<Opened, ServerError> {
             td,
             authority_config,
             std::time::SystemTime::now(),
-        )?;
+        )?
+        .require_confirmation(kube_store::CONFIRM_LIMIT);
         let joins = JoinTokens::open(Some(Arc::new(store)))?;
         Ok::<_, super::AuthorityError>((authority, joins))
     })
