@@ -758,10 +758,12 @@ async fn with_the_api_server_down_known_pods_are_signed_and_unknown_ones_refused
     );
 }
 
-/// A Kubernetes node whose node SVID is lost attests again with the token in its file (read
-/// afresh), and so does one whose SVID expired while the server was away.
+/// A Kubernetes node renews its node SVID by attesting again with the token in its file (a
+/// pod-bound token, read afresh): the server refuses a plain renewal, which would outlive the
+/// pod. A node whose SVID is lost attests again, and so does one whose SVID expired while the
+/// server was away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_k8s_node_attests_again_when_its_node_svid_is_lost_or_expired() {
+async fn a_k8s_node_attests_again_to_renew_and_when_its_node_svid_is_lost_or_expired() {
     let tmp = tempfile::tempdir().unwrap();
     let (standin, pod_a, _) = start_standin().await;
     let ttl = ["--node-svid-ttl", "8s"];
@@ -769,24 +771,48 @@ async fn a_k8s_node_attests_again_when_its_node_svid_is_lost_or_expired() {
     let mut a = node(&server, &standin, "node-a", &pod_a, true);
     assert_eq!(server.attestations("node-a"), 1);
 
+    // Renewal: a plain RenewNodeSvid with the node's own SVID is refused and audited ...
+    let err = node_client(&server, &a)
+        .renew_node_svid(pb::RenewNodeSvidRequest {
+            public_key: PrivateKey::generate().unwrap().spki_der(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        server.audit().contains(
+            "renew: Kubernetes nodes renew by attesting with a fresh service-account token"
+        ),
+        "{}",
+        server.audit()
+    );
+    // ... and the node renews at half-life by attesting again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.attestations("node-a") < 2 {
+        assert!(Instant::now() < deadline, "no renewal: {}", a.stderr());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
     // Lost: the state directory is wiped; the token file now holds a newer token.
     a.stop();
     for f in ["node-svid.pem", "node-svid.key"] {
         std::fs::remove_file(a.state.join(f)).unwrap();
     }
+    let before = server.attestations("node-a");
     let fresh = good_token(&standin, &pod_a, true);
     let a = try_node(&server, &standin, "node-a", &fresh).unwrap();
-    assert_eq!(server.attestations("node-a"), 2);
+    assert!(server.attestations("node-a") > before);
     assert!(standin.reviewed().iter().any(|(t, _)| *t == fresh));
 
     // Expired: the server is away for longer than the node SVID lives.
     let listen = server.listen.clone();
     server.daemon.signal(libc::SIGKILL);
+    let before = server.attestations("node-a");
     std::thread::sleep(Duration::from_secs(10));
     drop(server.daemon);
     server = Server::start_on(tmp.path(), &standin, &listen, &ttl);
     let deadline = Instant::now() + Duration::from_secs(45);
-    while server.attestations("node-a") < 3 {
+    while server.attestations("node-a") <= before {
         assert!(
             Instant::now() < deadline,
             "node a did not attest again: {}",

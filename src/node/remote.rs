@@ -519,9 +519,14 @@ async fn renew(
         let mut backoff = BACKOFF_MIN;
         loop {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            // A Kubernetes node always attests afresh: its token is bound to its pod, so the
+            // server sees each time that the pod still exists (the server refuses renewal
+            // without it). A host renews with its node SVID: its join token was single use.
             let attempt = match &reattest {
-                Some(a) if expiry(&chain) <= now => {
-                    tracing::info!("the node SVID has expired; attesting again");
+                Some(a) => {
+                    if expiry(&chain) <= now {
+                        tracing::info!("the node SVID has expired; attesting again");
+                    }
                     a.attest()
                         .await
                         .map_err(|e| e.to_string())

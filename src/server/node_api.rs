@@ -509,7 +509,18 @@ impl pb::node_server::Node for NodeApi {
         &self,
         req: Request<pb::RenewNodeSvidRequest>,
     ) -> Result<Response<pb::NodeSvid>, Status> {
-        let (id, _) = self.node(&req)?;
+        let (id, kind) = self.node(&req)?;
+        if let NodeKind::K8s { .. } = kind {
+            // A node SVID alone would outlive the pod it was issued to: a Kubernetes node
+            // proves itself afresh with its pod-bound token, which dies with the pod.
+            return Err(self.refuse(
+                &id.to_string(),
+                "renew",
+                Status::failed_precondition(
+                    "Kubernetes nodes renew by attesting with a fresh service-account token",
+                ),
+            ));
+        }
         let svid = self
             .node_svid(&id, &req.get_ref().public_key)
             .map_err(|s| self.refuse(&id.to_string(), "renew", s))?;
