@@ -154,8 +154,10 @@ impl Election {
                 }
                 () = tokio::time::sleep_until(next_round) => {
                     let sent = Instant::now();
-                    // Bounded, so a hung request cannot hold the loop past the deadline check.
-                    match tokio::time::timeout(retry, self.round(sent)).await {
+                    // Bounded, and never past the step-down deadline: a hung request must not
+                    // keep a holder leading longer than its last confirmed renewal allows.
+                    let limit = deadline.map_or(retry, |d| d.saturating_duration_since(sent).min(retry));
+                    match tokio::time::timeout(limit, self.round(sent)).await {
                         Ok(Ok(Outcome::Leading)) => {
                             deadline = Some(sent + renew_within);
                             self.set(true);
