@@ -133,6 +133,10 @@ impl SvidIssuer for LocalIssuer {
         self.bundles.tx.subscribe()
     }
 
+    fn reissue(&self) -> watch::Receiver<u64> {
+        self.authority.subscribe_reissue()
+    }
+
     async fn task_token(&self, req: TaskTokenRequest) -> Result<Issued, TaskTokenError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let a = &self.authority;

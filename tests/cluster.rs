@@ -451,9 +451,10 @@ fn server_refuses_a_broken_configuration() {
     assert!(err.contains("bad.yaml: document 1: spec.spiffeID"), "{err}");
 }
 
-/// `agentid server ca rotate --now` in a cluster: the new CA signs at once, and a node hands
-/// out an SVID it signed only in a message whose bundle already carries it (the node waits
-/// for the sync stream to bring that bundle).
+/// `agentid server ca rotate --now` in a cluster: the new CA signs at once, the node has the
+/// SVIDs it holds signed again without waiting for their half-life, and hands out an SVID the
+/// new CA signed only in a message whose bundle already carries it (the node waits for the
+/// sync stream to bring that bundle).
 #[tokio::test]
 async fn emergency_rotation_reaches_workloads_with_its_bundle() {
     use agentid::crypto::x509::{split_der_chain, to_pem};
@@ -481,20 +482,25 @@ async fn emergency_rotation_reaches_workloads_with_its_bundle() {
     );
     assert!(!out.stdout.is_empty(), "the rotation says what changed");
 
-    let tmp_policy = server.policy.with_extension("tmp");
-    std::fs::write(&tmp_policy, policy("/agent/rotated")).unwrap();
-    std::fs::rename(&tmp_policy, &server.policy).unwrap();
-    let want = format!("spiffe://{TD}/agent/rotated");
+    // Without waiting for its half-life, the held SVID is signed again (the node learns of
+    // the emergency on its sync stream) and pushed to the open stream.
+    let old_leaf = first.svids[0].x509_svid.clone();
     let svid = loop {
         let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
             .await
-            .expect("an update")
+            .expect("the SVID re-signed after the emergency rotation")
             .unwrap()
             .unwrap();
-        if let Some(s) = msg.svids.into_iter().find(|s| s.spiffe_id == want) {
+        if let Some(s) = msg.svids.into_iter().find(|s| s.x509_svid != old_leaf) {
             break s;
         }
     };
+    assert_eq!(svid.spiffe_id, format!("spiffe://{TD}/agent/me"));
+    assert!(
+        server.audit().contains("emergency rotation"),
+        "{}",
+        server.audit()
+    );
     let cas = split_der_chain(&svid.bundle).unwrap();
     let new: Vec<Vec<u8>> = cas
         .iter()

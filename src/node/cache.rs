@@ -151,7 +151,8 @@ impl SvidCache {
             audit,
             metrics,
         });
-        tokio::spawn(worker(Arc::downgrade(&inner), wake));
+        let reissue = inner.issuer.reissue();
+        tokio::spawn(worker(Arc::downgrade(&inner), wake, reissue));
         Self { inner }
     }
 
@@ -426,6 +427,17 @@ impl Inner {
         changed
     }
 
+    /// Makes every held X509-SVID due for renewal now and forgets cached JWT-SVIDs: the key
+    /// that signed them was replaced in an emergency.
+    fn renew_all_now(&self) {
+        let now = Instant::now();
+        for slot in self.slots.lock().expect("slots").values_mut() {
+            slot.refresh_at = now;
+            slot.backoff = BACKOFF_MIN;
+        }
+        self.jwts.lock().expect("jwts").clear();
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
         self.slots
             .lock()
@@ -436,21 +448,25 @@ impl Inner {
     }
 }
 
-async fn worker(inner: Weak<Inner>, wake: Arc<Notify>) {
+async fn worker(inner: Weak<Inner>, wake: Arc<Notify>, mut reissue: watch::Receiver<u64>) {
+    // A closed channel (an issuer that never asks) stops being watched.
+    let mut watching = true;
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
         };
         let deadline = strong.next_deadline();
         drop(strong);
-        match deadline {
-            Some(at) => {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(at) => {}
-                    _ = wake.notified() => continue,
+        let far = Instant::now() + Duration::from_secs(24 * 3600);
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline.unwrap_or(far)) => {}
+            _ = wake.notified() => continue,
+            r = reissue.changed(), if watching => {
+                watching = r.is_ok();
+                if watching && let Some(strong) = inner.upgrade() {
+                    strong.renew_all_now();
                 }
             }
-            None => wake.notified().await,
         }
         let Some(strong) = inner.upgrade() else {
             return;
@@ -493,6 +509,7 @@ mod tests {
         fail: AtomicBool,
         calls: AtomicUsize,
         bundles: watch::Sender<Arc<TrustBundles>>,
+        reissue: watch::Sender<u64>,
     }
 
     #[async_trait::async_trait]
@@ -514,6 +531,9 @@ mod tests {
         fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>> {
             self.bundles.subscribe()
         }
+        fn reissue(&self) -> watch::Receiver<u64> {
+            self.reissue.subscribe()
+        }
     }
 
     fn setup(dir: &std::path::Path) -> (Arc<Flaky>, SvidCache, SvidKey, NodeMetrics) {
@@ -529,6 +549,7 @@ mod tests {
                 own,
                 federated: Default::default(),
             })),
+            reissue: watch::Sender::new(0),
         });
         let metrics = NodeMetrics::unregistered();
         let cache = SvidCache::new(issuer.clone(), AuditLog::memory("test"), metrics.clone());
@@ -545,6 +566,29 @@ mod tests {
         for _ in 0..20 {
             tokio::task::yield_now().await;
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_emergency_reissue_renews_held_svids_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (issuer, cache, key, _) = setup(dir.path());
+        let first = cache.x509(&key, IssueContext::default).await.unwrap();
+        let _hold = cache.hold(vec![key.clone()]);
+        let mut generation = cache.subscribe();
+        generation.borrow_and_update();
+        settle().await;
+        assert_eq!(issuer.calls.load(Ordering::SeqCst), 1);
+        // No time passes: the half-life is far away.
+        issuer.reissue.send_modify(|e| *e += 1);
+        settle().await;
+        assert_eq!(
+            issuer.calls.load(Ordering::SeqCst),
+            2,
+            "signed again at once"
+        );
+        assert!(generation.has_changed().unwrap(), "streams are told");
+        let now = cache.x509(&key, IssueContext::default).await.unwrap();
+        assert_ne!(now.serial, first.serial);
     }
 
     #[tokio::test(start_paused = true)]

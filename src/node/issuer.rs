@@ -124,6 +124,12 @@ pub trait SvidIssuer: Send + Sync + 'static {
     /// to the bundle is returned only once this channel carries that key: streams read the
     /// bundle after the SVIDs, so none is sent with a bundle that cannot verify it.
     fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>>;
+    /// Changes when every SVID held should be signed again at once (an emergency rotation
+    /// replaced the signing key), after the bundle carrying the new key. The default never
+    /// changes.
+    fn reissue(&self) -> watch::Receiver<u64> {
+        watch::channel(0).1
+    }
     /// Checks a task-token request against its rules and signs the token. An issuer that
     /// signs no task tokens keeps this default, and every request is `Unavailable`.
     async fn task_token(&self, req: TaskTokenRequest) -> Result<Issued, TaskTokenError> {

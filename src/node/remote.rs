@@ -109,6 +109,7 @@ pub struct SyncStatus {
 /// The remote issuer: every signing request goes to the server over mTLS.
 pub struct RemoteIssuer {
     client: NodeClient<Channel>,
+    reissue: watch::Receiver<u64>,
     bundles: watch::Receiver<Arc<TrustBundles>>,
     own_bundle: Arc<Mutex<Arc<SpiffeBundle>>>,
     pub status: Arc<SyncStatus>,
@@ -164,7 +165,10 @@ impl RemoteIssuer {
         }));
         let own_bundle = Arc::new(Mutex::new(own));
         let (policy_tx, policy_rx) = watch::channel(Arc::new(PolicySet::default()));
+        let (reissue_tx, reissue_rx) = watch::channel(0);
         let sync = Sync {
+            reissue: reissue_tx,
+            epoch_seen: None,
             client: client.clone(),
             td,
             trust: trust.clone(),
@@ -193,6 +197,7 @@ impl RemoteIssuer {
         Ok((
             Self {
                 client,
+                reissue: reissue_rx,
                 bundles: bundle_rx,
                 own_bundle,
                 status,
@@ -402,6 +407,9 @@ struct Sync {
     own_bundle: Arc<Mutex<Arc<SpiffeBundle>>>,
     policies: watch::Sender<Arc<PolicySet>>,
     status: Arc<SyncStatus>,
+    reissue: watch::Sender<u64>,
+    /// The server's reissue epoch last seen (None: no message yet).
+    epoch_seen: Option<u64>,
 }
 
 impl Sync {
@@ -444,7 +452,7 @@ impl Sync {
         Ok(())
     }
 
-    fn apply(&self, msg: pb::SyncResponse) {
+    fn apply(&mut self, msg: pb::SyncResponse) {
         match SpiffeBundle::from_json(&msg.bundle) {
             Ok(bundle) => {
                 if let Err(e) = self.trust.replace(&bundle) {
@@ -469,6 +477,16 @@ impl Sync {
                 tracing::error!(error = %e, "the server sent a bad bundle; keeping the last one")
             }
         }
+        // After the bundle: re-signed SVIDs must verify against what workloads hold. Also
+        // when the epoch grew while this node was cut off from the server.
+        if self.epoch_seen.is_some_and(|seen| msg.reissue_epoch > seen) {
+            tracing::warn!(
+                epoch = msg.reissue_epoch,
+                "emergency rotation on the server: every SVID held is signed again"
+            );
+            self.reissue.send_modify(|e| *e += 1);
+        }
+        self.epoch_seen = Some(msg.reissue_epoch);
         let sources = msg
             .policies
             .into_iter()
@@ -648,6 +666,10 @@ impl SvidIssuer for RemoteIssuer {
 
     fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>> {
         self.bundles.clone()
+    }
+
+    fn reissue(&self) -> watch::Receiver<u64> {
+        self.reissue.clone()
     }
 
     async fn task_token(&self, req: TaskTokenRequest) -> Result<Issued, TaskTokenError> {

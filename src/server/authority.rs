@@ -119,6 +119,8 @@ pub struct Authority {
     /// Serializes state changes: each is a read-modify-write of the stored document.
     changing: Mutex<()>,
     bundle: watch::Sender<Arc<SpiffeBundle>>,
+    /// The state's `reissue_epoch`, for node daemons (see [`Authority::subscribe_reissue`]).
+    reissue: watch::Sender<u64>,
     config: AuthorityConfig,
     /// When the state in force was last read from or written to the store.
     confirmed: Mutex<Instant>,
@@ -186,6 +188,7 @@ impl Authority {
                     sequence: 1,
                     x509: KeyRing::starting(generate(&td, &config, KeyKind::X509Ca, now)?, now),
                     jwt: KeyRing::starting(generate(&td, &config, KeyKind::Jwt, now)?, now),
+                    reissue_epoch: 0,
                 };
                 let revision = store.save(&state, None)?;
                 (state, revision)
@@ -199,12 +202,14 @@ impl Authority {
         }
         let live = Live::new(state, revision)?;
         let bundle = Arc::new(live.bundle(&config));
+        let reissue = watch::Sender::new(live.state.reissue_epoch);
         Ok(Self {
             td,
             store,
             live: RwLock::new(live),
             changing: Mutex::new(()),
             bundle: watch::Sender::new(bundle),
+            reissue,
             config,
             confirmed: Mutex::new(Instant::now()),
             max_unconfirmed: None,
@@ -251,6 +256,12 @@ impl Authority {
     /// the change added.
     pub fn subscribe(&self) -> watch::Receiver<Arc<SpiffeBundle>> {
         self.bundle.subscribe()
+    }
+
+    /// Changes after every emergency rotation (its value only grows), once the bundle with
+    /// the new key is out: holders of SVIDs should have them signed again.
+    pub fn subscribe_reissue(&self) -> watch::Receiver<u64> {
+        self.reissue.subscribe()
     }
 
     /// The SPIFFE bundle document (JWK Set with `x509-svid` and `jwt-svid` keys).
@@ -398,6 +409,7 @@ impl Authority {
                 notice: Some(notice),
                 emergency: true,
             });
+            state.reissue_epoch += 1;
             Ok(())
         })
     }
@@ -521,6 +533,7 @@ impl Authority {
     /// nothing is signed with a key before the bundle that carries it is out.
     fn install(&self, live: Live) {
         let bundle = Arc::new(live.bundle(&self.config));
+        let epoch = live.state.reissue_epoch;
         let mut guard = self.live.write().expect("keys lock");
         *guard = live;
         self.bundle.send_if_modified(|b| {
@@ -528,6 +541,12 @@ impl Authority {
             if changed {
                 *b = bundle;
             }
+            changed
+        });
+        // After the bundle: what is re-signed now verifies against what holders have.
+        self.reissue.send_if_modified(|e| {
+            let changed = *e != epoch;
+            *e = epoch;
             changed
         });
     }

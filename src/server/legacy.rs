@@ -44,6 +44,7 @@ pub fn read(
         sequence: 1,
         x509: ring(ca, KeyKind::X509Ca)?,
         jwt: ring(jwt, KeyKind::Jwt)?,
+        reissue_epoch: 0,
     }))
 }
 

@@ -713,8 +713,10 @@ impl pb::node_server::Node for NodeApi {
         tracing::debug!(%node, "node synchronising");
         let mut policies = self.policies.clone();
         let mut bundles = self.authority.subscribe();
+        let mut reissue = self.authority.subscribe_reissue();
         let authority = self.authority.clone();
-        let state = move |p: &PolicySet| pb::SyncResponse {
+        let state = move |p: &PolicySet, epoch: u64| pb::SyncResponse {
+            reissue_epoch: epoch,
             bundle: authority.bundle_document(),
             policies: p
                 .sources()
@@ -728,7 +730,8 @@ impl pb::node_server::Node for NodeApi {
         let stream = async_stream(move |tx| async move {
             let mut last = None;
             loop {
-                let msg = state(&policies.borrow_and_update().clone());
+                let epoch = *reissue.borrow_and_update();
+                let msg = state(&policies.borrow_and_update().clone(), epoch);
                 bundles.borrow_and_update();
                 if last.as_ref() != Some(&msg) {
                     if tx.send(Ok(msg.clone())).await.is_err() {
@@ -739,6 +742,7 @@ impl pb::node_server::Node for NodeApi {
                 tokio::select! {
                     r = policies.changed() => if r.is_err() { return },
                     r = bundles.changed() => if r.is_err() { return },
+                    r = reissue.changed() => if r.is_err() { return },
                     () = tx.closed() => return,
                 }
             }

@@ -752,6 +752,8 @@ mod tests {
         let authority =
             Arc::new(Authority::open(dir.path(), td, AuthorityConfig::default()).unwrap());
         let before = authority.bundle();
+        let reissue = authority.subscribe_reissue();
+        assert_eq!(*reissue.borrow(), 0);
         let audit = AuditLog::memory("test");
         let admin = AdminApi {
             authority: authority.clone(),
@@ -772,6 +774,11 @@ mod tests {
         assert_eq!(after.x509_authorities.len(), 2, "the old CA stays trusted");
         assert_eq!(after.x509_authorities[0], before.x509_authorities[0]);
         assert_eq!(after.jwt_authorities.len(), 2);
+        assert_eq!(
+            *reissue.borrow(),
+            2,
+            "holders are told to re-sign, once per kind"
+        );
         let log = audit.lines().join("\n");
         assert_eq!(
             log.matches("dev.agentid.bundle_updated").count(),

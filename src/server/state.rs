@@ -61,6 +61,14 @@ pub struct KeyState {
     pub sequence: u64,
     pub x509: KeyRing,
     pub jwt: KeyRing,
+    /// Bumped by every emergency rotation: node daemons then re-sign every SVID they hold,
+    /// instead of serving ones from the replaced key until their half-life.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reissue_epoch: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The keys of one kind.
@@ -355,6 +363,7 @@ mod tests {
                 next: Some(s.clone()),
                 previous: vec![s],
             },
+            reissue_epoch: 2,
         };
         assert_eq!(KeyState::from_json(&state.to_json()).unwrap(), state);
         let other = state.to_json().replace("\"version\": 1", "\"version\": 2");
