@@ -78,14 +78,7 @@ fn find(v: &Value, key: &str) -> Option<String> {
 }
 
 async fn standin(dir: &Path) -> (StandIn, KubeApi) {
-    let standin = StandIn::start("ha-token", "node-a").await;
-    let (ca, token) = standin.write_files(dir);
-    let api = KubeApi {
-        url: standin.url.clone(),
-        ca,
-        token,
-    };
-    (standin, api)
+    cluster::kube_standin(dir, "ha-token").await
 }
 
 /// A server's Prometheus metrics.

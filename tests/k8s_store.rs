@@ -23,14 +23,7 @@ const API_TOKEN: &str = "server-api-token";
 const NS: &str = "agentid";
 
 async fn standin(dir: &Path) -> (StandIn, KubeApi) {
-    let standin = StandIn::start(API_TOKEN, "node-a").await;
-    let (ca, token) = standin.write_files(dir);
-    let api = KubeApi {
-        url: standin.url.clone(),
-        ca,
-        token,
-    };
-    (standin, api)
+    cluster::kube_standin(dir, API_TOKEN).await
 }
 
 /// An `AgentIdentity` resource selecting pods of service account `sa`.

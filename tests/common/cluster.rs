@@ -91,6 +91,18 @@ pub fn launch_node(
     )
 }
 
+/// A stand-in API server accepting `token`, and its CA and token files in `dir`.
+pub async fn kube_standin(dir: &Path, token: &str) -> (super::k8s::StandIn, KubeApi) {
+    let standin = super::k8s::StandIn::start(token, "node-a").await;
+    let (ca, token) = standin.write_files(dir);
+    let api = KubeApi {
+        url: standin.url.clone(),
+        ca,
+        token,
+    };
+    (standin, api)
+}
+
 /// Where a `--store kubernetes` server finds the API server: URL, CA file, token file.
 pub struct KubeApi {
     pub url: String,
