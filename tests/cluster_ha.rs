@@ -165,6 +165,7 @@ async fn the_lease_holder_rotates_and_a_survivor_takes_over_mid_rotation() {
     })
     .await;
     let takeover = killed.elapsed();
+    eprintln!("lease taken over {takeover:?} after the holder was killed (lease 3 s)");
     assert!(
         takeover >= Duration::from_secs(2),
         "not before a's record was still for the lease duration: {takeover:?}"
