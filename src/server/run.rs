@@ -254,7 +254,13 @@ impl ServerDaemon {
                     CrPolicies::start(client.clone(), td.clone(), audit.clone(), file_policies)
                         .await
                         .map_err(|e| {
-                            ServerError::Kube(format!("listing AgentIdentity resources: {e}"))
+                            let hint = match &e {
+                                kube::Error::Api(s) if s.code == 404 => {
+                                    " (is the CRD installed? kubectl apply -f charts/agentid/crds/)"
+                                }
+                                _ => "",
+                            };
+                            ServerError::Kube(format!("listing AgentIdentity resources: {e}{hint}"))
                         })?;
                 let rx = crs.subscribe();
                 tokio::spawn(crs.run(cancel.clone()));
