@@ -26,7 +26,7 @@ use crate::audit::{Action, Attestation, AuditEvent, AuditLog, Decision, Identity
 use crate::composite::CompositeIdentity;
 use crate::crypto::jwt;
 use crate::metrics::{MethodLabels, NodeMetrics, RpcLabels};
-use crate::policy::{Entitlement, PolicySet, WorkloadFacts};
+use crate::policy::{Entitlement, EntitlementCache, Evaluation, PolicySet, WorkloadFacts};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// gRPC metadata every Workload API request must carry (value exactly `true`).
@@ -58,15 +58,20 @@ pub struct WorkloadApi {
     metrics: NodeMetrics,
     composer: Arc<Composer>,
     drift: DriftWatch,
+    /// What the policies in force grant recently seen callers.
+    entitlements: Arc<EntitlementCache>,
     /// Cancelled at shutdown: open streams end so the server can drain.
     shutdown: CancellationToken,
 }
+
+/// Distinct callers whose entitlements are remembered (past that the cache starts over).
+const ENTITLEMENT_CACHE_MAX: usize = 1024;
 
 /// An attested caller and what it is entitled to.
 struct Caller {
     peer: PeerInfo,
     facts: WorkloadFacts,
-    entitlements: Vec<Entitlement>,
+    evaluation: Arc<Evaluation>,
 }
 
 /// An attested caller with the identities it can be issued, composite identities checked.
@@ -78,7 +83,7 @@ pub(super) struct Entitled {
 
 /// One identity a caller can be issued, with the composite identity it states.
 pub(super) struct Issuable {
-    pub(super) e: Entitlement,
+    pub(super) e: Arc<Entitlement>,
     pub(super) composed: Option<Arc<Composed>>,
 }
 
@@ -201,6 +206,7 @@ impl WorkloadApi {
             metrics,
             composer: Arc::new(Composer::new()),
             drift: DriftWatch::new(),
+            entitlements: Arc::new(EntitlementCache::new(ENTITLEMENT_CACHE_MAX)),
             shutdown: CancellationToken::new(),
         }
     }
@@ -252,14 +258,14 @@ impl WorkloadApi {
         if policies.needs_user_name() {
             resolve_user_name(&mut facts);
         }
-        let (entitlements, errors) = policies.entitlements(&self.td, &facts);
-        for (policy, e) in errors {
+        let evaluation = self.entitlements.evaluate(&policies, &self.td, &facts);
+        for (policy, e) in &evaluation.errors {
             tracing::warn!(%policy, pid = peer.pid, error = %e, "policy matched but its SPIFFE ID template failed for this caller");
         }
         Ok(Caller {
             peer: peer.clone(),
             facts,
-            entitlements,
+            evaluation,
         })
     }
 
@@ -273,17 +279,33 @@ impl WorkloadApi {
         method: &'static str,
     ) -> Result<Entitled, Status> {
         let caller = self.resolve(peer, method).await?;
-        if caller.entitlements.is_empty() {
+        let entitlements = &caller.evaluation.entitlements;
+        if entitlements.is_empty() {
             self.deny(method, peer, &caller.facts, "no policy matches the caller");
             return Err(Status::permission_denied(NO_IDENTITY));
         }
+        if caller.facts.k8s.is_none() && entitlements.iter().all(|e| e.composite.is_none()) {
+            // No composite identity to build: every entitlement is issuable as it is.
+            let issuable = entitlements
+                .iter()
+                .map(|e| Issuable {
+                    e: e.clone(),
+                    composed: None,
+                })
+                .collect();
+            return Ok(Entitled {
+                peer: caller.peer,
+                facts: caller.facts,
+                issuable,
+            });
+        }
         let composed = self.compose(&caller).await?;
-        let mut issuable = Vec::with_capacity(caller.entitlements.len());
+        let mut issuable = Vec::with_capacity(entitlements.len());
         let mut unavailable = None;
-        for (e, result) in caller.entitlements.into_iter().zip(composed) {
+        for (e, result) in entitlements.iter().zip(composed) {
             match result {
                 Ok(composed) => issuable.push(Issuable {
-                    e,
+                    e: e.clone(),
                     composed: composed.map(Arc::new),
                 }),
                 Err(ComposeError::Pin(pin)) => {
@@ -317,13 +339,11 @@ impl WorkloadApi {
         caller: &Caller,
     ) -> Result<Vec<Result<Option<Composed>, ComposeError>>, Status> {
         let specs: Vec<_> = caller
+            .evaluation
             .entitlements
             .iter()
             .map(|e| e.composite.clone())
             .collect();
-        if caller.facts.k8s.is_none() && specs.iter().all(Option::is_none) {
-            return Ok(specs.iter().map(|_| Ok(None)).collect());
-        }
         let (composer, facts, pid) = (self.composer.clone(), caller.facts.clone(), caller.peer.pid);
         let results = tokio::task::spawn_blocking(move || {
             specs

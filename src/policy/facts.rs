@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 /// Facts about one workload, each gathered outside the workload process.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct WorkloadFacts {
     pub unix: Option<UnixFacts>,
     /// Present when the caller runs in a Kubernetes pod known to the node's pod index.
@@ -12,7 +12,7 @@ pub struct WorkloadFacts {
 
 /// Facts about a caller's pod and container, from the node's pod index (API server watch or
 /// kubelet), keyed by what the kernel says: the pod UID and container ID in its cgroup path.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct K8sFacts {
     /// The `--cluster-name` of this node daemon.
     pub cluster: String,
@@ -48,7 +48,7 @@ impl K8sFacts {
 }
 
 /// Facts the kernel reports about a local process.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct UnixFacts {
     pub uid: u32,
     pub gid: u32,

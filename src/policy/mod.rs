@@ -1,12 +1,14 @@
 //! Policies (`AgentIdentity`): which workloads get which SPIFFE IDs, with which TTLs.
 //!
 //! Parsing, validation, template rendering and matching are pure; `load` reads files.
+mod cache;
 mod declared;
 mod facts;
 mod load;
 mod schema;
 mod template;
 
+pub use cache::{EntitlementCache, Evaluation};
 pub use declared::{
     ANNOTATION_AGENT_NAME, ANNOTATION_AGENT_VERSION, ANNOTATION_CONFIG_FILES, ANNOTATION_MODEL,
     ANNOTATION_TOOLS_FILES, Declared, DeclaredError,
