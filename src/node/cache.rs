@@ -80,8 +80,17 @@ struct Slot {
     context: IssueContext,
 }
 
-/// (identity, audiences, TTL, extra claims as JSON).
-type JwtKey = (SpiffeId, Vec<String>, Duration, String);
+/// What identifies one cached JWT-SVID. Its only extra claims are those of the composite
+/// identity it states, which that identity's `cid` (a digest of all of it) stands for: the
+/// key is built per fetch without serializing any claims.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct JwtKey {
+    pub spiffe_id: SpiffeId,
+    pub audience: Vec<String>,
+    pub ttl: Duration,
+    /// The `cid` of the composite identity the token states, if any.
+    pub cid: Option<String>,
+}
 
 struct JwtEntry {
     token: String,
@@ -222,15 +231,15 @@ impl SvidCache {
         }
     }
 
-    /// A JWT-SVID for `req`, reused until half its lifetime has passed. `ctx` is called only
-    /// when a token is signed.
+    /// A JWT-SVID for `key`, reused until half its lifetime has passed. `claims` (the extra
+    /// claims of the composite identity `key.cid` names) and `ctx` are called only when a
+    /// token is signed.
     pub async fn jwt(
         &self,
-        mut req: JwtRequest,
+        key: JwtKey,
+        claims: impl FnOnce() -> serde_json::Map<String, serde_json::Value>,
         ctx: impl FnOnce() -> IssueContext,
     ) -> Result<String, IssueError> {
-        let claims = serde_json::to_string(&req.claims).unwrap_or_default();
-        let key = (req.spiffe_id.clone(), req.audience.clone(), req.ttl, claims);
         let now = Instant::now();
         if let Some(e) = self
             .inner
@@ -242,9 +251,14 @@ impl SvidCache {
         {
             return Ok(e.token.clone());
         }
-        let (id, aud, ttl) = (req.spiffe_id.clone(), req.audience.clone(), req.ttl);
         let ctx = ctx();
-        req.workload = Some(ctx.workload.clone());
+        let req = JwtRequest {
+            spiffe_id: key.spiffe_id.clone(),
+            audience: key.audience.clone(),
+            ttl: key.ttl,
+            claims: claims(),
+            workload: Some(ctx.workload.clone()),
+        };
         let token = self.inner.issuer.sign_jwt(req).await?;
         self.inner
             .metrics
@@ -253,10 +267,10 @@ impl SvidCache {
             .inc();
         self.inner.audit_issue(
             Action::Issued,
-            &id,
+            &key.spiffe_id,
             Credential::new(CredentialKind::JwtSvid)
-                .aud(aud)
-                .not_after((SystemTime::now() + ttl).into()),
+                .aud(&key.audience)
+                .not_after((SystemTime::now() + key.ttl).into()),
             &ctx,
         );
         let mut jwts = self.inner.jwts.lock().expect("jwts");
@@ -266,11 +280,12 @@ impl SvidCache {
                 jwts.clear();
             }
         }
+        let refresh_at = now + key.ttl / 2;
         jwts.insert(
             key,
             JwtEntry {
                 token: token.clone(),
-                refresh_at: now + ttl / 2,
+                refresh_at,
             },
         );
         Ok(token)

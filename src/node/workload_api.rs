@@ -16,10 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::attest::{WorkloadAttestor, resolve_user_name};
-use super::cache::{Hold, IssueContext, SvidCache, SvidKey};
+use super::cache::{Hold, IssueContext, JwtKey, SvidCache, SvidKey};
 use super::composite::{ComposeError, Composed, Composer};
 use super::drift::{DriftWatch, Watching};
-use super::issuer::{JwtRequest, TrustBundles, WorkloadClaims};
+use super::issuer::{TrustBundles, WorkloadClaims};
 use super::peer::PeerInfo;
 use crate::api::workload as pb;
 use crate::audit::{Action, Attestation, AuditEvent, AuditLog, Decision, Identity};
@@ -735,12 +735,8 @@ impl WorkloadApi {
             };
         let peer = peer_of(req)?;
         let caller = self.resolve_entitled(&peer, method).await?;
-        let chosen: Vec<&Issuable> = caller
-            .issuable
-            .iter()
-            .filter(|i| wanted.as_ref().is_none_or(|w| w == &i.e.spiffe_id))
-            .collect();
-        if chosen.is_empty() {
+        let chosen = |i: &&Issuable| wanted.as_ref().is_none_or(|w| w == &i.e.spiffe_id);
+        if !caller.issuable.iter().any(|i| chosen(&i)) {
             self.deny(
                 method,
                 &peer,
@@ -749,24 +745,24 @@ impl WorkloadApi {
             );
             return Err(Status::permission_denied(NO_IDENTITY));
         }
-        let mut svids = Vec::with_capacity(chosen.len());
-        for i in chosen {
+        let mut svids = Vec::with_capacity(1);
+        for i in caller.issuable.iter().filter(chosen) {
             let e = &i.e;
-            let jr = JwtRequest {
+            let key = JwtKey {
                 spiffe_id: e.spiffe_id.clone(),
                 audience: body.audience.clone(),
                 ttl: e.jwt_ttl,
-                claims: i
-                    .composed
+                cid: i.composed.as_ref().map(|c| c.cid.clone()),
+            };
+            let claims = || {
+                i.composed
                     .as_ref()
                     .map(|c| c.jwt_claims.clone())
-                    .unwrap_or_default(),
-                // Filled from the issue context when the token is signed.
-                workload: None,
+                    .unwrap_or_default()
             };
             let token = self
                 .cache
-                .jwt(jr, || caller.context(i))
+                .jwt(key, claims, || caller.context(i))
                 .await
                 .map_err(|err| Status::unavailable(format!("JWT-SVID issuance failed: {err}")))?;
             svids.push(pb::Jwtsvid {
@@ -951,7 +947,7 @@ mod tests {
 
     use super::*;
     use crate::node::attest::AttestError;
-    use crate::node::issuer::{IssueError, SvidIssuer, X509Request};
+    use crate::node::issuer::{IssueError, JwtRequest, SvidIssuer, X509Request};
     use crate::policy::{UnixFacts, parse_documents};
     use crate::server::{Authority, AuthorityConfig};
     use pb::spiffe_workload_api_server::SpiffeWorkloadApi;
