@@ -1,5 +1,7 @@
 //! Prometheus metrics. Each subsystem owns a metrics struct registered into one registry.
 
+use std::sync::{Arc, OnceLock};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -57,7 +59,18 @@ pub struct NodeMetrics {
     pub pod_index_pods: Gauge,
     /// 1 while every stream of the pod source answers, else 0 (known pods still resolve).
     pub pod_source_up: Gauge,
+    /// Handles into `requests` and `latency` for the fetch methods' successful calls.
+    hot: Arc<HotCalls>,
 }
+
+/// Methods whose successful calls are counted through kept handles.
+const HOT_METHODS: [&str; 2] = ["FetchX509SVID", "FetchJWTSVID"];
+
+/// The OK counter and latency histogram of each of [`HOT_METHODS`], looked up in their
+/// families on first use (so the series appear when they did before) and kept: a lookup
+/// takes the family's lock and hashes the labels, on every call.
+#[derive(Default)]
+struct HotCalls([OnceLock<(Counter, Histogram)>; HOT_METHODS.len()]);
 
 impl NodeMetrics {
     /// Creates the metrics and registers them under `agentid_node_`.
@@ -76,6 +89,7 @@ impl NodeMetrics {
             composite_drifts: Counter::default(),
             pod_index_pods: Gauge::default(),
             pod_source_up: Gauge::default(),
+            hot: Arc::default(),
         };
         let r = registry.sub_registry_with_prefix("agentid_node");
         r.register(
@@ -139,5 +153,65 @@ impl NodeMetrics {
     /// Metrics registered nowhere, for tests and embedding.
     pub fn unregistered() -> Self {
         Self::register(&mut Registry::default())
+    }
+
+    /// Counts one finished Workload API call under `code` and records how long it took.
+    pub fn record_call(&self, method: &'static str, code: &'static str, seconds: f64) {
+        let hot = (code == "OK")
+            .then(|| HOT_METHODS.iter().position(|m| *m == method))
+            .flatten();
+        if let Some(i) = hot {
+            let (calls, latency) = self.hot.0[i].get_or_init(|| {
+                (
+                    self.requests
+                        .get_or_create(&RpcLabels { method, code })
+                        .clone(),
+                    self.latency.get_or_create(&MethodLabels { method }).clone(),
+                )
+            });
+            calls.inc();
+            latency.observe(seconds);
+            return;
+        }
+        self.requests
+            .get_or_create(&RpcLabels { method, code })
+            .inc();
+        self.latency
+            .get_or_create(&MethodLabels { method })
+            .observe(seconds);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_counted_alike_through_kept_handles_and_lookups() {
+        let mut registry = Registry::default();
+        let m = NodeMetrics::register(&mut registry);
+        let text = |registry: &Registry| {
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
+            out
+        };
+        let ok = r#"agentid_node_workload_api_requests_total{method="FetchJWTSVID",code="OK"}"#;
+        assert!(
+            !text(&registry).contains(ok),
+            "no series before the first call"
+        );
+        m.record_call("FetchJWTSVID", "OK", 0.001);
+        m.clone().record_call("FetchJWTSVID", "OK", 0.001);
+        m.record_call("FetchJWTSVID", "UNAVAILABLE", 0.001);
+        m.record_call("ValidateJWTSVID", "OK", 0.001);
+        let out = text(&registry);
+        for line in [
+            format!("{ok} 2"),
+            r#"agentid_node_workload_api_requests_total{method="FetchJWTSVID",code="UNAVAILABLE"} 1"#.into(),
+            r#"agentid_node_workload_api_requests_total{method="ValidateJWTSVID",code="OK"} 1"#.into(),
+            r#"agentid_node_workload_api_latency_seconds_count{method="FetchJWTSVID"} 3"#.into(),
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} in\n{out}");
+        }
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
+use prometheus_client::metrics::gauge::Gauge;
 use prost_types::value::Kind;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +26,7 @@ use crate::api::workload as pb;
 use crate::audit::{Action, Attestation, AuditEvent, AuditLog, Decision, Identity};
 use crate::composite::CompositeIdentity;
 use crate::crypto::jwt;
-use crate::metrics::{MethodLabels, NodeMetrics, RpcLabels};
+use crate::metrics::{MethodLabels, NodeMetrics};
 use crate::policy::{Entitlement, EntitlementCache, Evaluation, PolicySet, WorkloadFacts};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
@@ -404,13 +405,7 @@ impl WorkloadApi {
             Err(s) => code_name(s.code()),
         };
         self.metrics
-            .requests
-            .get_or_create(&RpcLabels { method, code })
-            .inc();
-        self.metrics
-            .latency
-            .get_or_create(&MethodLabels { method })
-            .observe(start.elapsed().as_secs_f64());
+            .record_call(method, code, start.elapsed().as_secs_f64());
     }
 
     /// The full-state X509-SVID message for `caller`, and the cache keys it is built from.
@@ -519,18 +514,18 @@ fn jwt_bundles(b: &TrustBundles) -> HashMap<String, Vec<u8>> {
 }
 
 /// Keeps the open-streams gauge right however a stream ends.
-struct StreamGuard(NodeMetrics);
+struct StreamGuard(Gauge);
 
 impl StreamGuard {
     fn new(m: &NodeMetrics) -> Self {
         m.open_streams.inc();
-        Self(m.clone())
+        Self(m.open_streams.clone())
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.open_streams.dec();
+        self.0.dec();
     }
 }
 
