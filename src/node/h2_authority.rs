@@ -11,13 +11,15 @@
 //! accepts them. [`AuthorityRewrite`] sits between the socket and `h2`: it
 //! decodes every client header block and replaces an `:authority` that `h2`
 //! would reject with `localhost`. Nothing here depends on `h2` internals, so
-//! it survives dependency upgrades, and it is a no-op for well-behaved clients
-//! apart from the re-encoding.
+//! it survives dependency upgrades, and it is a no-op for well-behaved clients.
 //!
 //! HPACK is stateful, so every block is decoded (one decoder per connection,
-//! fed in order) and re-encoded as literals that never touch the dynamic
-//! table: the server's decoder table then stays empty and consistent with our
-//! output by construction, whatever the client's encoder did.
+//! fed in order). Until a block needs a fix, blocks go to `h2` as they came:
+//! its decoder then sees exactly the client's stream and keeps the same
+//! dynamic table, as without the adapter. From the first block that needs a
+//! fix on, every block is re-encoded as literals that never touch the dynamic
+//! table: the server's table stays as it was, unused, and consistent with our
+//! output by construction, whatever the client's encoder does next.
 //!
 //! HPACK crate: `loona-hpack` 0.4. Of the candidates it is the only one whose
 //! decoder returns errors on every malformed input we read: `hpack` 0.3 and
@@ -119,6 +121,8 @@ pub struct AuthorityRewrite<S> {
     block: Option<Block>,
     decoder: loona_hpack::Decoder<'static>,
     max_frame_size: usize,
+    /// A block was rewritten: from then on every block is re-encoded.
+    rewriting: bool,
     eof: bool,
     failed: bool,
 }
@@ -146,6 +150,7 @@ impl<S> AuthorityRewrite<S> {
             block: None,
             decoder,
             max_frame_size: max_frame_size.clamp(DEFAULT_MAX_FRAME_SIZE, (1 << 24) - 1),
+            rewriting: false,
             eof: false,
             failed: false,
         }
@@ -243,7 +248,8 @@ impl<S> AuthorityRewrite<S> {
     }
 
     /// Decodes a complete header block, fixes `:authority` and writes the
-    /// re-encoded block to `out` as HEADERS + CONTINUATION frames.
+    /// block, as it came or re-encoded, to `out` as HEADERS + CONTINUATION
+    /// frames.
     fn emit_block(&mut self, block: Block) -> io::Result<()> {
         // Huffman strings are decoded here rather than by `loona-hpack` (see
         // `huffman.rs`); the decoder then reads the same block with raw
@@ -254,8 +260,10 @@ impl<S> AuthorityRewrite<S> {
             Some(()) => &plain[..],
             None => &block.fragment[..],
         };
-        let mut encoded = Vec::with_capacity(input.len() + 64);
+        // Table references expand: room for a typical request's fields at once.
+        let mut encoded = Vec::with_capacity(input.len() + 512);
         let mut size = 0usize;
+        let mut fixed = false;
         // Decoded size is capped separately: one-byte references to a large
         // dynamic-table entry would otherwise expand 64 KiB into gigabytes.
         self.decoder
@@ -267,6 +275,7 @@ impl<S> AuthorityRewrite<S> {
                 let value = if &name[..] == b":authority"
                     && !std::str::from_utf8(&value).is_ok_and(is_valid_authority)
                 {
+                    fixed = true;
                     REPLACEMENT_AUTHORITY.as_bytes()
                 } else {
                     &value[..]
@@ -281,6 +290,14 @@ impl<S> AuthorityRewrite<S> {
         if size > MAX_HEADER_BLOCK {
             return Err(invalid("decoded header list too large"));
         }
+        self.rewriting |= fixed;
+        // Unchanged, and `h2`'s table still follows the client's: the block as
+        // it came (cheaper for `h2` to decode than the literals).
+        let encoded = if self.rewriting {
+            encoded
+        } else {
+            block.fragment
+        };
 
         // The first frame keeps the HEADERS flags (END_STREAM, PRIORITY) but
         // loses its padding; END_HEADERS goes on the last frame only.
@@ -679,11 +696,22 @@ mod tests {
         frames
     }
 
-    /// Header blocks in `frames`, each decoded with a *fresh* decoder, which
-    /// proves the output never refers to the dynamic table. Checks the frame
-    /// size limit and that END_HEADERS marks exactly the last frame.
+    /// Header blocks in `frames`, decoded in order by one decoder, as the
+    /// server does. Checks the frame size limit and that END_HEADERS marks
+    /// exactly the last frame.
     fn blocks(frames: &[Frame], max_frame: usize) -> Vec<Fields> {
+        decode_blocks(frames, max_frame, false)
+    }
+
+    /// [`blocks`], each decoded with a *fresh* decoder, which proves that
+    /// rewritten output never refers to the dynamic table.
+    fn literal_blocks(frames: &[Frame], max_frame: usize) -> Vec<Fields> {
+        decode_blocks(frames, max_frame, true)
+    }
+
+    fn decode_blocks(frames: &[Frame], max_frame: usize, fresh: bool) -> Vec<Fields> {
         let (mut out, mut cur) = (Vec::new(), None::<Vec<u8>>);
+        let mut decoder = loona_hpack::Decoder::new();
         for f in frames
             .iter()
             .filter(|f| f.ty == HEADERS || f.ty == CONTINUATION)
@@ -703,9 +731,10 @@ mod tests {
             };
             cur.get_or_insert_with(Vec::new).extend_from_slice(frag);
             if f.flags & END_HEADERS != 0 {
-                let list = loona_hpack::Decoder::new()
-                    .decode(&cur.take().unwrap())
-                    .unwrap();
+                if fresh {
+                    decoder = loona_hpack::Decoder::new();
+                }
+                let list = decoder.decode(&cur.take().unwrap()).unwrap();
                 out.push(list.into_iter().map(|(n, v)| (s(&n), s(&v))).collect());
             }
         }
@@ -846,7 +875,7 @@ mod tests {
         assert_eq!(frames[2].payload, data_payload);
         let expected = with_authority(&req, "localhost");
         assert_eq!(
-            blocks(&frames, DEFAULT_MAX_FRAME_SIZE),
+            literal_blocks(&frames, DEFAULT_MAX_FRAME_SIZE),
             [expected.clone(), expected]
         );
     }
@@ -869,7 +898,7 @@ mod tests {
         assert_eq!(frames[1].flags, PRIORITY | END_HEADERS | 0x1);
         assert_eq!(frames[1].payload[..5], [0x80, 0, 0, 1, 42]);
         assert_eq!(
-            blocks(&frames, DEFAULT_MAX_FRAME_SIZE),
+            literal_blocks(&frames, DEFAULT_MAX_FRAME_SIZE),
             [with_authority(&grpc_request(SOCK), "localhost")]
         );
     }
@@ -895,7 +924,7 @@ mod tests {
             [(4, 0), (1, 5), (6, 0)]
         );
         assert_eq!(
-            blocks(&frames, DEFAULT_MAX_FRAME_SIZE),
+            literal_blocks(&frames, DEFAULT_MAX_FRAME_SIZE),
             [with_authority(&grpc_request(SOCK), "localhost")]
         );
     }
@@ -924,7 +953,7 @@ mod tests {
             assert_eq!(frames.len(), count, "max frame size {max}");
             assert_eq!(frames[1].flags & !END_HEADERS, PRIORITY);
             assert_eq!(
-                blocks(&frames, max.max(DEFAULT_MAX_FRAME_SIZE)),
+                literal_blocks(&frames, max.max(DEFAULT_MAX_FRAME_SIZE)),
                 std::slice::from_ref(&expected)
             );
         }
@@ -981,6 +1010,45 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn blocks_pass_through_until_one_is_fixed() {
+        let mut enc = IndexingEncoder::default();
+        let (valid, bad) = (grpc_request("localhost"), grpc_request(SOCK));
+        let sent = [
+            enc.encode(&valid),
+            enc.encode(&valid),
+            enc.encode(&bad),
+            enc.encode(&valid),
+        ];
+        assert!(
+            sent[1].iter().all(|&b| b >= 0x80 | 62),
+            "the second block refers to the table the first one filled"
+        );
+        let frames: Vec<_> = sent
+            .iter()
+            .zip([1, 3, 5, 7])
+            .map(|(b, id)| frame(HEADERS, END_HEADERS, id, b))
+            .collect();
+        let out = parse(&rewrite(&conn(&frames)).await.unwrap());
+        // Nothing to fix yet: h2 gets what the client sent, table references and all.
+        assert_eq!(out[1].payload, sent[0]);
+        assert_eq!(out[2].payload, sent[1]);
+        // From the first fix on, every block is re-encoded as literals.
+        assert_eq!(
+            literal_blocks(&out[3..], DEFAULT_MAX_FRAME_SIZE),
+            [with_authority(&bad, "localhost"), fields(&valid)]
+        );
+        assert_eq!(
+            blocks(&out, DEFAULT_MAX_FRAME_SIZE),
+            [
+                fields(&valid),
+                fields(&valid),
+                with_authority(&bad, "localhost"),
+                fields(&valid)
+            ]
+        );
+    }
+
     fn hex(s: &str) -> Vec<u8> {
         (0..s.len())
             .step_by(2)
@@ -1022,7 +1090,10 @@ mod tests {
             .iter()
             .map(|r| with_authority(r, "localhost"))
             .collect();
-        assert_eq!(blocks(&parse(&out), DEFAULT_MAX_FRAME_SIZE), expected);
+        assert_eq!(
+            literal_blocks(&parse(&out), DEFAULT_MAX_FRAME_SIZE),
+            expected
+        );
     }
 
     #[tokio::test]
