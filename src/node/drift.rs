@@ -107,6 +107,13 @@ impl DriftWatch {
     /// Watches `files` until the returned guard is dropped. A file that cannot be watched is
     /// logged and left to the periodic re-hash.
     pub fn watch(&self, files: &[PathBuf]) -> Watching {
+        if files.is_empty() {
+            // Most streams state no composite identity: no need for the watcher's locks.
+            return Watching {
+                inner: Weak::new(),
+                files: Vec::new(),
+            };
+        }
         let mut state = self.inner.state.lock().expect("drift state");
         let mut watcher = self.inner.watcher.lock().expect("drift watcher");
         for f in files {

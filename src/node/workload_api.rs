@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
@@ -61,6 +61,8 @@ pub struct WorkloadApi {
     drift: DriftWatch,
     /// What the policies in force grant recently seen callers.
     entitlements: Arc<EntitlementCache>,
+    /// What wakes open FetchX509SVID streams (see [`WorkloadApi::changes`]), made on first use.
+    changes: Arc<OnceLock<watch::Receiver<()>>>,
     /// Cancelled at shutdown: open streams end so the server can drain.
     shutdown: CancellationToken,
 }
@@ -208,6 +210,7 @@ impl WorkloadApi {
             composer: Arc::new(Composer::new()),
             drift: DriftWatch::new(),
             entitlements: Arc::new(EntitlementCache::new(ENTITLEMENT_CACHE_MAX)),
+            changes: Arc::default(),
             shutdown: CancellationToken::new(),
         }
     }
@@ -216,7 +219,45 @@ impl WorkloadApi {
     pub fn with_composite(mut self, composer: Arc<Composer>, drift: DriftWatch) -> Self {
         self.composer = composer;
         self.drift = drift;
+        self.changes = Arc::default();
         self
+    }
+
+    /// A channel that changes whenever anything a FetchX509SVID message is built from may
+    /// have: a cached SVID renewed or forgotten, the policies, the bundles, or a file behind a
+    /// composite identity. It closes at shutdown or when one of those sources closes. Open
+    /// streams wait on it alone: one wake-up registration per stream instead of one per source.
+    fn changes(&self) -> watch::Receiver<()> {
+        self.changes
+            .get_or_init(|| {
+                let (tx, rx) = watch::channel(());
+                // Subscribed now, before the first stream reads any of them.
+                let mut generation = self.cache.subscribe();
+                let mut drift = self.drift.subscribe();
+                let mut policies = self.policies.clone();
+                let mut bundles = self.bundles.clone();
+                policies.mark_unchanged();
+                bundles.mark_unchanged();
+                let shutdown = self.shutdown.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let open = tokio::select! {
+                            _ = shutdown.cancelled() => false,
+                            r = generation.changed() => r.is_ok(),
+                            r = policies.changed() => r.is_ok(),
+                            r = bundles.changed() => r.is_ok(),
+                            r = drift.changed() => r.is_ok(),
+                        };
+                        if !open {
+                            // Dropping `tx` ends the streams.
+                            return;
+                        }
+                        tx.send_replace(());
+                    }
+                });
+                rx
+            })
+            .clone()
     }
 
     /// The audit log decisions are recorded in.
@@ -545,12 +586,8 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let start = Instant::now();
         // Watch for changes before reading the state the first message is built from, so a
         // change that lands while it is being built still wakes the stream.
-        let generation = self.cache.subscribe();
-        let drift = self.drift.subscribe();
-        let mut policies = self.policies.clone();
-        let mut bundles = self.bundles.clone();
-        policies.mark_unchanged();
-        bundles.mark_unchanged();
+        let mut changes = self.changes();
+        changes.mark_unchanged();
         let result = async {
             let peer = peer_of(&req)?;
             let caller = self.resolve_entitled(&peer, METHOD).await?;
@@ -571,10 +608,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             // Files behind its composite identities are watched for drift while it is open.
             watching: self.drift.watch(&caller.watched_files()),
             composites: caller.composites(),
-            generation,
-            drift,
-            policies,
-            bundles,
+            changes,
             api: self.clone(),
             peer: caller.peer,
             last: first.clone(),
@@ -584,13 +618,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             loop {
                 // Every wake-up re-attests and re-evaluates: rotation, bundle and policy
                 // changes all lead to a full-state message if anything differs.
-                tokio::select! {
-                    _ = w.api.shutdown.cancelled() => return None,
-                    r = w.generation.changed() => r.ok()?,
-                    r = w.policies.changed() => r.ok()?,
-                    r = w.bundles.changed() => r.ok()?,
-                    r = w.drift.changed() => r.ok()?,
-                }
+                w.changes.changed().await.ok()?;
                 let next = match w.api.resolve_entitled(&w.peer, METHOD).await {
                     Ok(caller) => match w.api.x509_response(&caller).await {
                         Ok((msg, keys)) => Ok((caller, msg, keys)),
@@ -892,10 +920,7 @@ struct X509Watch {
     hold: Hold,
     watching: Watching,
     composites: Vec<(SpiffeId, Option<Arc<Composed>>)>,
-    generation: watch::Receiver<u64>,
-    drift: watch::Receiver<u64>,
-    policies: watch::Receiver<Arc<PolicySet>>,
-    bundles: watch::Receiver<Arc<TrustBundles>>,
+    changes: watch::Receiver<()>,
     api: WorkloadApi,
     peer: PeerInfo,
     last: pb::X509svidResponse,
