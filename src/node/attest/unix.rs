@@ -22,7 +22,7 @@ use crate::policy::{UnixFacts, WorkloadFacts};
 /// ctime) so a fetch does not re-hash a large binary on every call.
 #[derive(Clone)]
 pub struct UnixAttestor {
-    proc_root: PathBuf,
+    proc_root: &'static str,
     inner: Arc<Inner>,
 }
 
@@ -50,13 +50,14 @@ impl UnixAttestor {
     /// An attestor reading the host's `/proc`.
     pub fn new() -> Self {
         Self {
-            proc_root: PathBuf::from("/proc"),
+            proc_root: "/proc",
             inner: Arc::default(),
         }
     }
 
     fn proc_path(&self, pid: i32, what: &str) -> PathBuf {
-        self.proc_root.join(pid.to_string()).join(what)
+        // One allocation: this runs on every call.
+        PathBuf::from(format!("{}/{pid}/{what}", self.proc_root))
     }
 
     /// The supplementary groups of the peer, from the `Groups:` line of
@@ -158,7 +159,12 @@ impl WorkloadAttestor for UnixAttestor {
                 // Looked up only when needed (`resolve_user_name`): it depends on the
                 // uid alone, and the passwd lookup costs more than everything above.
                 user_name: None,
-                path: Some(path.display().to_string()),
+                // As `display()` renders it, without going through the formatter.
+                path: Some(
+                    path.into_os_string()
+                        .into_string()
+                        .unwrap_or_else(|p| p.to_string_lossy().into_owned()),
+                ),
                 sha256: Some(sha256),
             }),
             k8s: None,
