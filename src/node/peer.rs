@@ -1,6 +1,6 @@
 //! Who is on the other end of a Workload API connection, as the kernel reports it.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use tokio::net::UnixStream;
@@ -17,6 +17,8 @@ pub struct PeerInfo {
     pub groups: Option<Arc<[u32]>>,
     /// A pidfd naming exactly the peer process, to detect that it exited (pid reuse guard).
     pidfd: Option<Arc<OwnedFd>>,
+    /// `/proc/<pid>` of exactly the peer process (see [`PeerInfo::proc_dir`]).
+    proc_dir: Option<Arc<OwnedFd>>,
 }
 
 /// Why peer credentials could not be read.
@@ -33,15 +35,14 @@ impl PeerInfo {
     pub fn from_stream(stream: &UnixStream) -> Result<Self, PeerError> {
         let cred = stream.peer_cred().map_err(PeerError::Creds)?;
         let pid = cred.pid().filter(|p| *p > 0).ok_or(PeerError::NoPid)?;
-        let pidfd = peer_pidfd(stream.as_raw_fd())
-            .or_else(|| pidfd_open(pid))
-            .map(Arc::new);
+        let pidfd = peer_pidfd(stream.as_raw_fd()).or_else(|| pidfd_open(pid));
         Ok(Self {
             pid,
             uid: cred.uid(),
             gid: cred.gid(),
             groups: peer_groups(stream.as_raw_fd()).map(Arc::from),
-            pidfd,
+            proc_dir: open_proc_dir(pid, pidfd.as_ref()),
+            pidfd: pidfd.map(Arc::new),
         })
     }
 
@@ -50,12 +51,14 @@ impl PeerInfo {
     pub fn of_pid(pid: i32) -> std::io::Result<Self> {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(format!("/proc/{pid}"))?;
+        let pidfd = pidfd_open(pid);
         Ok(Self {
             pid,
             uid: meta.uid(),
             gid: meta.gid(),
             groups: None,
-            pidfd: pidfd_open(pid).map(Arc::new),
+            proc_dir: open_proc_dir(pid, pidfd.as_ref()),
+            pidfd: pidfd.map(Arc::new),
         })
     }
 
@@ -64,12 +67,14 @@ impl PeerInfo {
         let pid = std::process::id() as i32;
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let pidfd = pidfd_open(pid);
         Self {
             pid,
             uid,
             gid,
             groups: own_groups().map(Arc::from),
-            pidfd: pidfd_open(pid).map(Arc::new),
+            proc_dir: open_proc_dir(pid, pidfd.as_ref()),
+            pidfd: pidfd.map(Arc::new),
         }
     }
 
@@ -81,20 +86,45 @@ impl PeerInfo {
     /// False once the peer process has exited. Without a pidfd, falls back to `/proc/<pid>`.
     pub fn is_alive(&self) -> bool {
         match &self.pidfd {
-            Some(fd) => {
-                // A pidfd becomes readable when its process exits.
-                let mut p = libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd, zero timeout.
-                let n = unsafe { libc::poll(&mut p, 1, 0) };
-                n == 0
-            }
+            Some(fd) => pidfd_alive(fd),
             None => std::path::Path::new(&format!("/proc/{}", self.pid)).exists(),
         }
     }
+
+    /// `/proc/<pid>` of exactly the peer process, opened while its pidfd said it was alive.
+    /// procfs binds the directory to that process: once it has exited, every lookup under it
+    /// fails, even if the pid has been reused. A read through it is therefore about the peer
+    /// or fails, with no liveness check afterwards. `None` without a pidfd to confirm it.
+    pub fn proc_dir(&self) -> Option<BorrowedFd<'_>> {
+        self.proc_dir.as_deref().map(AsFd::as_fd)
+    }
+}
+
+/// Whether the process a pidfd names is still running (a pidfd turns readable when it exits).
+fn pidfd_alive(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 0
+}
+
+/// Opens `/proc/<pid>` (a path handle, nothing read) and keeps it only if `pidfd` shows the
+/// process alive after the open: then the pid had not been reused, and the directory is its.
+fn open_proc_dir(pid: i32, pidfd: Option<&OwnedFd>) -> Option<Arc<OwnedFd>> {
+    use rustix::fs::{CWD, Mode, OFlags};
+    let pidfd = pidfd?;
+    let dir = rustix::fs::openat(
+        CWD,
+        format!("/proc/{pid}"),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    pidfd_alive(pidfd).then(|| Arc::new(dir))
 }
 
 fn peer_pidfd(sock: i32) -> Option<OwnedFd> {

@@ -1,19 +1,24 @@
 //! Unix process attestation from `/proc`: uid, gid, supplementary groups, executable path
 //! and SHA-256; the user name on demand (`resolve_user_name`), since it follows from the uid.
 //!
-//! Pid reuse: every read goes through `/proc/<pid>`, and the pid could in principle be
-//! recycled if the caller exits mid-attestation. The peer's pidfd (taken from the socket with
-//! `SO_PEERPIDFD`, so it names exactly the connecting process) is checked after the reads: a
-//! live process's pid cannot be reused, so if it is still alive everything read was about it.
+//! Pid reuse: a pid can be recycled once the caller exits. The peer's pidfd (taken from the
+//! socket with `SO_PEERPIDFD`, so it names exactly the connecting process) pins it down. When
+//! the connection is accepted, `/proc/<pid>` is opened and kept only if the pidfd shows the
+//! process alive after the open: that directory is the caller's, and procfs fails every read
+//! through it once the caller has exited, whatever process gets the pid next. Reads go
+//! through it with `*at` calls. Without a pidfd, reads go by path and the process is checked
+//! to be alive after them: a live process's pid cannot be reused, so everything read was
+//! about it.
 
 use std::fs::{File, Metadata};
-use std::io::Read;
+use std::io::{self, Read};
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use aws_lc_rs::digest;
 
-use super::digest_cache::DigestCache;
+use super::digest_cache::{DigestCache, FileKey};
 use super::{AttestError, WorkloadAttestor};
 use crate::node::peer::PeerInfo;
 use crate::policy::{UnixFacts, WorkloadFacts};
@@ -62,15 +67,19 @@ impl UnixAttestor {
 
     /// The supplementary groups of the peer, from the `Groups:` line of
     /// `/proc/<pid>/status`.
-    fn supplementary_gids(&self, pid: i32) -> Result<Vec<u32>, AttestError> {
-        let path = self.proc_path(pid, "status");
+    fn supplementary_gids(&self, peer: &PeerInfo) -> Result<Vec<u32>, AttestError> {
+        let path = self.proc_path(peer.pid, "status");
         let err = |source| AttestError::Proc {
             path: path.display().to_string(),
             source,
         };
         // One read gets the whole file unless the group list is very long: no size probe,
         // no read to EOF.
-        let mut file = File::open(&path).map_err(err)?;
+        let mut file = match peer.proc_dir() {
+            Some(dir) => open_at(dir, "status"),
+            None => File::open(&path),
+        }
+        .map_err(err)?;
         let mut buf = [0u8; 4096];
         let n = file.read(&mut buf).map_err(err)?;
         let text = match groups_line(&buf[..n]) {
@@ -113,25 +122,42 @@ fn parse_groups(line: &[u8], path: &std::path::Path) -> Result<Vec<u32>, AttestE
 impl WorkloadAttestor for UnixAttestor {
     async fn attest(&self, peer: &PeerInfo) -> Result<WorkloadFacts, AttestError> {
         let pid = peer.pid;
+        let exe = self.proc_path(pid, "exe");
+        let exe_err = |source: io::Error| {
+            // A read through the process's own /proc directory fails once it has exited.
+            if peer.proc_dir().is_some() && !peer.is_alive() {
+                AttestError::Exited(pid)
+            } else {
+                AttestError::Proc {
+                    path: exe.display().to_string(),
+                    source,
+                }
+            }
+        };
         // /proc reads are memory-backed and take microseconds: done inline. Hashing an
         // executable is not, so a cache miss goes to the blocking pool (once per binary).
-        let exe = self.proc_path(pid, "exe");
-        let path = std::fs::read_link(&exe).map_err(|source| AttestError::Proc {
-            path: exe.display().to_string(),
-            source,
-        })?;
-        let exe_err = |source| AttestError::Proc {
-            path: exe.display().to_string(),
-            source,
-        };
         // /proc/<pid>/exe leads to the very file the process runs, even if it was replaced
         // or deleted on disk since. Its metadata is the digest cache key; the file is opened
         // only to hash it.
-        let meta = std::fs::metadata(&exe).map_err(exe_err)?;
-        let sha256 = match self.inner.digests.get(&meta) {
+        let (path, key) = match peer.proc_dir() {
+            Some(dir) => exe_at(dir).map_err(exe_err)?,
+            None => {
+                let path = std::fs::read_link(&exe).map_err(exe_err)?;
+                let meta = std::fs::metadata(&exe).map_err(exe_err)?;
+                let path = path
+                    .into_os_string()
+                    .into_string()
+                    .unwrap_or_else(|p| p.to_string_lossy().into_owned());
+                (path, FileKey::from(&meta))
+            }
+        };
+        let sha256 = match self.inner.digests.get(key) {
             Some(d) => d,
             None => {
-                let file = File::open(&exe).map_err(exe_err)?;
+                let file = match peer.proc_dir() {
+                    Some(dir) => open_at(dir, "exe").map_err(exe_err)?,
+                    None => File::open(&exe).map_err(exe_err)?,
+                };
                 // Keyed by what was opened, in case the process exec'd since the stat.
                 let meta = file.metadata().map_err(exe_err)?;
                 let inner = self.inner.clone();
@@ -146,9 +172,11 @@ impl WorkloadAttestor for UnixAttestor {
         };
         let supplementary_gids = match &peer.groups {
             Some(groups) => groups.to_vec(),
-            None => self.supplementary_gids(pid)?,
+            None => self.supplementary_gids(peer)?,
         };
-        if !peer.is_alive() {
+        // Reads by path could be about another process if the pid was reused meanwhile:
+        // the peer still running proves they were not. Reads through its directory cannot.
+        if peer.proc_dir().is_none() && !peer.is_alive() {
             return Err(AttestError::Exited(pid));
         }
         Ok(WorkloadFacts {
@@ -159,17 +187,31 @@ impl WorkloadAttestor for UnixAttestor {
                 // Looked up only when needed (`resolve_user_name`): it depends on the
                 // uid alone, and the passwd lookup costs more than everything above.
                 user_name: None,
-                // As `display()` renders it, without going through the formatter.
-                path: Some(
-                    path.into_os_string()
-                        .into_string()
-                        .unwrap_or_else(|p| p.to_string_lossy().into_owned()),
-                ),
+                path: Some(path),
                 sha256: Some(sha256),
             }),
             k8s: None,
         })
     }
+}
+
+/// The path and file key of the executable behind `exe` in the process directory `dir`
+/// (`readlinkat` and `statx`, with no path walk through `/proc`).
+fn exe_at(dir: BorrowedFd<'_>) -> io::Result<(String, FileKey)> {
+    use rustix::fs::{AtFlags, StatxFlags};
+    let link = rustix::fs::readlinkat(dir, "exe", Vec::new())?;
+    let st = rustix::fs::statx(dir, "exe", AtFlags::empty(), StatxFlags::BASIC_STATS)?;
+    let path = link
+        .into_string()
+        .unwrap_or_else(|e| e.into_cstring().to_string_lossy().into_owned());
+    Ok((path, FileKey::from(&st)))
+}
+
+/// Opens `name` under the process directory `dir` for reading.
+fn open_at(dir: BorrowedFd<'_>, name: &str) -> io::Result<File> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    Ok(File::from(fd))
 }
 
 impl Inner {
@@ -232,6 +274,49 @@ mod tests {
             parse_groups(b"\t4 x", path),
             Err(AttestError::Malformed { .. })
         ));
+    }
+
+    /// Reads go through the caller's own /proc directory: once the caller has exited (and
+    /// been reaped, so its pid is free for reuse) attestation says so instead of answering
+    /// from whatever now has that pid.
+    #[tokio::test]
+    async fn a_caller_that_exited_is_refused_through_its_proc_directory() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let peer = PeerInfo::of_pid(child.id() as i32).unwrap();
+        assert!(
+            peer.proc_dir().is_some(),
+            "a pidfd and /proc/<pid> were taken"
+        );
+        let attestor = UnixAttestor::new();
+        let unix = attestor.attest(&peer).await.unwrap().unix.unwrap();
+        let sleep = std::fs::canonicalize(which("sleep")).unwrap();
+        assert_eq!(unix.path.as_deref(), sleep.to_str());
+        // Groups come from /proc/<pid>/status (no socket to ask): through the directory too.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let line = groups_line(status.as_bytes()).unwrap();
+        assert_eq!(
+            unix.supplementary_gids,
+            parse_groups(line, std::path::Path::new("status")).unwrap()
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let err = attestor.attest(&peer).await.unwrap_err();
+        assert!(
+            matches!(err, AttestError::Exited(pid) if pid == peer.pid),
+            "{err:?}"
+        );
+    }
+
+    fn which(cmd: &str) -> std::path::PathBuf {
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .map(|d| d.join(cmd))
+            .find(|p| p.is_file())
+            .unwrap()
     }
 
     #[tokio::test]
