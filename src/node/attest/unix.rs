@@ -10,10 +10,11 @@
 //! to be alive after them: a live process's pid cannot be reused, so everything read was
 //! about it.
 
+use std::borrow::Cow;
 use std::fs::{File, Metadata};
 use std::io::{self, Read};
 use std::os::fd::BorrowedFd;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 
 use aws_lc_rs::digest;
@@ -27,7 +28,6 @@ use crate::policy::{UnixFacts, WorkloadFacts};
 /// ctime) so a fetch does not re-hash a large binary on every call.
 #[derive(Clone)]
 pub struct UnixAttestor {
-    proc_root: &'static str,
     inner: Arc<Inner>,
 }
 
@@ -55,31 +55,104 @@ impl UnixAttestor {
     /// An attestor reading the host's `/proc`.
     pub fn new() -> Self {
         Self {
-            proc_root: "/proc",
             inner: Arc::default(),
         }
     }
+}
 
-    fn proc_path(&self, pid: i32, what: &str) -> PathBuf {
-        // One allocation: this runs on every call.
-        PathBuf::from(format!("{}/{pid}/{what}", self.proc_root))
+/// The caller's `/proc/<pid>`: its own directory handle (see [`PeerInfo::proc_dir`]), or,
+/// without one, the path from the working directory. Entries are read with `*at` calls
+/// either way, so the two differ only in what they are relative to.
+struct ProcDir<'a> {
+    peer: &'a PeerInfo,
+    dir: BorrowedFd<'a>,
+    /// `/proc/<pid>/` when reading by path, else empty (nothing allocated per call).
+    prefix: String,
+}
+
+impl<'a> ProcDir<'a> {
+    fn of(peer: &'a PeerInfo) -> Self {
+        match peer.proc_dir() {
+            Some(dir) => Self {
+                peer,
+                dir,
+                prefix: String::new(),
+            },
+            None => Self {
+                peer,
+                dir: rustix::fs::CWD,
+                prefix: format!("/proc/{}/", peer.pid),
+            },
+        }
     }
 
-    /// The supplementary groups of the peer, from the `Groups:` line of
-    /// `/proc/<pid>/status`.
-    fn supplementary_gids(&self, peer: &PeerInfo) -> Result<Vec<u32>, AttestError> {
-        let path = self.proc_path(peer.pid, "status");
+    fn entry<'n>(&self, name: &'n str) -> Cow<'n, str> {
+        if self.prefix.is_empty() {
+            Cow::Borrowed(name)
+        } else {
+            Cow::Owned(format!("{}{name}", self.prefix))
+        }
+    }
+
+    /// The path and file key of the executable `exe` leads to (`readlinkat` and `statx`).
+    fn exe(&self) -> Result<(String, FileKey), AttestError> {
+        use rustix::fs::{AtFlags, StatxFlags};
+        let exe = self.entry("exe");
+        let link = rustix::fs::readlinkat(self.dir, &*exe, Vec::new())
+            .map_err(|e| self.error("exe", e.into()))?;
+        let st = rustix::fs::statx(self.dir, &*exe, AtFlags::empty(), StatxFlags::BASIC_STATS)
+            .map_err(|e| self.error("exe", e.into()))?;
+        let path = link
+            .into_string()
+            .unwrap_or_else(|e| e.into_cstring().to_string_lossy().into_owned());
+        Ok((path, FileKey::from(&st)))
+    }
+
+    /// Opens entry `name` for reading.
+    fn open(&self, name: &str) -> Result<File, AttestError> {
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::RDONLY | OFlags::CLOEXEC;
+        rustix::fs::openat(self.dir, &*self.entry(name), flags, Mode::empty())
+            .map(File::from)
+            .map_err(|e| self.error(name, e.into()))
+    }
+
+    /// Why reading entry `name` failed. Through the caller's own directory, a read fails
+    /// once it has exited: that is said as such.
+    fn error(&self, name: &str, source: io::Error) -> AttestError {
+        if self.prefix.is_empty() && !self.peer.is_alive() {
+            return AttestError::Exited(self.peer.pid);
+        }
+        AttestError::Proc {
+            path: self.path(name),
+            source,
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        format!("/proc/{}/{name}", self.peer.pid)
+    }
+
+    /// Whether what was read by path is about the caller: a live process's pid cannot be
+    /// reused. Reads through its own directory need no such check.
+    fn check_alive(&self) -> Result<(), AttestError> {
+        if self.prefix.is_empty() || self.peer.is_alive() {
+            Ok(())
+        } else {
+            Err(AttestError::Exited(self.peer.pid))
+        }
+    }
+
+    /// The supplementary groups of the peer, from the `Groups:` line of `status`.
+    fn supplementary_gids(&self) -> Result<Vec<u32>, AttestError> {
+        let path = self.path("status");
         let err = |source| AttestError::Proc {
-            path: path.display().to_string(),
+            path: path.clone(),
             source,
         };
         // One read gets the whole file unless the group list is very long: no size probe,
         // no read to EOF.
-        let mut file = match peer.proc_dir() {
-            Some(dir) => open_at(dir, "status"),
-            None => File::open(&path),
-        }
-        .map_err(err)?;
+        let mut file = self.open("status")?;
         let mut buf = [0u8; 4096];
         let n = file.read(&mut buf).map_err(err)?;
         let text = match groups_line(&buf[..n]) {
@@ -88,10 +161,10 @@ impl UnixAttestor {
             None => {
                 let mut rest = buf[..n].to_vec();
                 file.read_to_end(&mut rest).map_err(err)?;
-                return parse_groups(groups_line(&rest).unwrap_or(b""), &path);
+                return parse_groups(groups_line(&rest).unwrap_or(b""), Path::new(&path));
             }
         };
-        parse_groups(text, &path)
+        parse_groups(text, Path::new(&path))
     }
 }
 
@@ -121,47 +194,24 @@ fn parse_groups(line: &[u8], path: &std::path::Path) -> Result<Vec<u32>, AttestE
 #[async_trait::async_trait]
 impl WorkloadAttestor for UnixAttestor {
     async fn attest(&self, peer: &PeerInfo) -> Result<WorkloadFacts, AttestError> {
-        let pid = peer.pid;
-        let exe = self.proc_path(pid, "exe");
-        let exe_err = |source: io::Error| {
-            // A read through the process's own /proc directory fails once it has exited.
-            if peer.proc_dir().is_some() && !peer.is_alive() {
-                AttestError::Exited(pid)
-            } else {
-                AttestError::Proc {
-                    path: exe.display().to_string(),
-                    source,
-                }
-            }
-        };
+        let proc = ProcDir::of(peer);
         // /proc reads are memory-backed and take microseconds: done inline. Hashing an
         // executable is not, so a cache miss goes to the blocking pool (once per binary).
         // /proc/<pid>/exe leads to the very file the process runs, even if it was replaced
         // or deleted on disk since. Its metadata is the digest cache key; the file is opened
         // only to hash it.
-        let (path, key) = match peer.proc_dir() {
-            Some(dir) => exe_at(dir).map_err(exe_err)?,
-            None => {
-                let path = std::fs::read_link(&exe).map_err(exe_err)?;
-                let meta = std::fs::metadata(&exe).map_err(exe_err)?;
-                let path = path
-                    .into_os_string()
-                    .into_string()
-                    .unwrap_or_else(|p| p.to_string_lossy().into_owned());
-                (path, FileKey::from(&meta))
-            }
-        };
+        let (path, key) = proc.exe()?;
         let sha256 = match self.inner.digests.get(key) {
             Some(d) => d,
             None => {
-                let file = match peer.proc_dir() {
-                    Some(dir) => open_at(dir, "exe").map_err(exe_err)?,
-                    None => File::open(&exe).map_err(exe_err)?,
-                };
+                let file = proc.open("exe")?;
+                let name = proc.path("exe");
                 // Keyed by what was opened, in case the process exec'd since the stat.
-                let meta = file.metadata().map_err(exe_err)?;
+                let meta = file.metadata().map_err(|source| AttestError::Proc {
+                    path: name.clone(),
+                    source,
+                })?;
                 let inner = self.inner.clone();
-                let name = exe.display().to_string();
                 tokio::task::spawn_blocking(move || inner.hash(file, &meta, &name))
                     .await
                     .map_err(|e| AttestError::Malformed {
@@ -172,13 +222,9 @@ impl WorkloadAttestor for UnixAttestor {
         };
         let supplementary_gids = match &peer.groups {
             Some(groups) => groups.to_vec(),
-            None => self.supplementary_gids(peer)?,
+            None => proc.supplementary_gids()?,
         };
-        // Reads by path could be about another process if the pid was reused meanwhile:
-        // the peer still running proves they were not. Reads through its directory cannot.
-        if peer.proc_dir().is_none() && !peer.is_alive() {
-            return Err(AttestError::Exited(pid));
-        }
+        proc.check_alive()?;
         Ok(WorkloadFacts {
             unix: Some(UnixFacts {
                 uid: peer.uid,
@@ -193,25 +239,6 @@ impl WorkloadAttestor for UnixAttestor {
             k8s: None,
         })
     }
-}
-
-/// The path and file key of the executable behind `exe` in the process directory `dir`
-/// (`readlinkat` and `statx`, with no path walk through `/proc`).
-fn exe_at(dir: BorrowedFd<'_>) -> io::Result<(String, FileKey)> {
-    use rustix::fs::{AtFlags, StatxFlags};
-    let link = rustix::fs::readlinkat(dir, "exe", Vec::new())?;
-    let st = rustix::fs::statx(dir, "exe", AtFlags::empty(), StatxFlags::BASIC_STATS)?;
-    let path = link
-        .into_string()
-        .unwrap_or_else(|e| e.into_cstring().to_string_lossy().into_owned());
-    Ok((path, FileKey::from(&st)))
-}
-
-/// Opens `name` under the process directory `dir` for reading.
-fn open_at(dir: BorrowedFd<'_>, name: &str) -> io::Result<File> {
-    use rustix::fs::{Mode, OFlags};
-    let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
-    Ok(File::from(fd))
 }
 
 impl Inner {
