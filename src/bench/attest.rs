@@ -20,6 +20,7 @@ use crate::node::attest::cgroup_fs::place_in_cgroup;
 use crate::node::attest::k8s::K8sAttestor;
 use crate::node::attest::{UnixAttestor, WorkloadAttestor};
 use crate::node::peer::PeerInfo;
+use crate::policy::FactNeeds;
 
 /// Time from a write to a hashed config file to the end of the open stream it withdraws.
 #[derive(Debug, Clone, Serialize)]
@@ -170,18 +171,18 @@ async fn pods_inner(levels: &[usize], samples: usize) -> anyhow::Result<Vec<Pods
             let lookup = pods::lookup_latency(n.max(1), samples);
             let attestor = K8sAttestor::new(Arc::new(index), Duration::from_secs(1));
             // Warm both (the executable's digest is cached after the first call).
-            attestor.attest(&peer).await?;
-            unix.attest(&peer).await?;
+            attestor.attest(&peer, FactNeeds::ALL).await?;
+            unix.attest(&peer, FactNeeds::ALL).await?;
             let (mut k, mut u) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
             for _ in 0..samples {
                 let t = Instant::now();
-                let facts = attestor.attest(&peer).await?;
+                let facts = attestor.attest(&peer, FactNeeds::ALL).await?;
                 k.push(t.elapsed());
                 if facts.k8s.is_none() {
                     bail!("the process was not attested as a pod container");
                 }
                 let t = Instant::now();
-                unix.attest(&peer).await?;
+                unix.attest(&peer, FactNeeds::ALL).await?;
                 u.push(t.elapsed());
             }
             k.sort_unstable();

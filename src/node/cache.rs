@@ -171,11 +171,11 @@ impl SvidCache {
     }
 
     /// The SVID for `key`, issuing it if there is none or the cached one has expired. `ctx`
-    /// (who asked, for the audit record) is called only when an SVID is issued.
+    /// (who asked, for the audit record) is awaited only when an SVID is issued.
     pub async fn x509(
         &self,
         key: &SvidKey,
-        ctx: impl FnOnce() -> IssueContext,
+        ctx: impl Future<Output = IssueContext>,
     ) -> Result<Arc<X509Svid>, IssueError> {
         if let Some(svid) = self.cached(key) {
             return Ok(svid);
@@ -185,7 +185,7 @@ impl SvidCache {
         if let Some(svid) = self.cached(key) {
             return Ok(svid);
         }
-        let ctx = ctx();
+        let ctx = ctx.await;
         let svid = self.inner.issue(key, &ctx, Action::Issued).await?;
         let mut slots = self.inner.slots.lock().expect("slots");
         let holders = slots.get(key).map_or(0, |s| s.holders);
@@ -232,13 +232,13 @@ impl SvidCache {
     }
 
     /// A JWT-SVID for `key`, reused until half its lifetime has passed. `claims` (the extra
-    /// claims of the composite identity `key.cid` names) and `ctx` are called only when a
+    /// claims of the composite identity `key.cid` names) and `ctx` are used only when a
     /// token is signed.
     pub async fn jwt(
         &self,
         key: JwtKey,
         claims: impl FnOnce() -> serde_json::Map<String, serde_json::Value>,
-        ctx: impl FnOnce() -> IssueContext,
+        ctx: impl Future<Output = IssueContext>,
     ) -> Result<String, IssueError> {
         let now = Instant::now();
         if let Some(e) = self
@@ -251,7 +251,7 @@ impl SvidCache {
         {
             return Ok(e.token.clone());
         }
-        let ctx = ctx();
+        let ctx = ctx.await;
         let req = JwtRequest {
             spiffe_id: key.spiffe_id.clone(),
             audience: key.audience.clone(),
@@ -587,7 +587,10 @@ mod tests {
     async fn an_emergency_reissue_renews_held_svids_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let (issuer, cache, key, _) = setup(dir.path());
-        let first = cache.x509(&key, IssueContext::default).await.unwrap();
+        let first = cache
+            .x509(&key, async { IssueContext::default() })
+            .await
+            .unwrap();
         let _hold = cache.hold(vec![key.clone()]);
         let mut generation = cache.subscribe();
         generation.borrow_and_update();
@@ -602,7 +605,10 @@ mod tests {
             "signed again at once"
         );
         assert!(generation.has_changed().unwrap(), "streams are told");
-        let now = cache.x509(&key, IssueContext::default).await.unwrap();
+        let now = cache
+            .x509(&key, async { IssueContext::default() })
+            .await
+            .unwrap();
         assert_ne!(now.serial, first.serial);
     }
 
@@ -613,9 +619,13 @@ mod tests {
         let ctx = IssueContext::default();
         let mut generation = cache.subscribe();
 
-        let first = cache.x509(&key, || ctx.clone()).await.unwrap();
+        let first = cache.x509(&key, async { ctx.clone() }).await.unwrap();
         assert_eq!(
-            cache.x509(&key, || ctx.clone()).await.unwrap().serial,
+            cache
+                .x509(&key, async { ctx.clone() })
+                .await
+                .unwrap()
+                .serial,
             first.serial,
             "served from memory"
         );
@@ -637,7 +647,7 @@ mod tests {
             "renewed by 60% of the lifetime"
         );
         generation.mark_unchanged();
-        let second = cache.x509(&key, || ctx.clone()).await.unwrap();
+        let second = cache.x509(&key, async { ctx.clone() }).await.unwrap();
         assert_ne!(second.serial, first.serial);
         assert_eq!(issuer.calls.load(Ordering::SeqCst), 2);
 
@@ -657,7 +667,10 @@ mod tests {
     async fn a_held_svid_is_renewed_without_fetches() {
         let dir = tempfile::tempdir().unwrap();
         let (issuer, cache, key, _) = setup(dir.path());
-        let first = cache.x509(&key, IssueContext::default).await.unwrap();
+        let first = cache
+            .x509(&key, async { IssueContext::default() })
+            .await
+            .unwrap();
         let hold = cache.hold(vec![key.clone()]);
         for round in 2..=4 {
             tokio::time::advance(Duration::from_secs(61)).await;
@@ -670,7 +683,7 @@ mod tests {
         }
         assert_ne!(
             cache
-                .x509(&key, IssueContext::default)
+                .x509(&key, async { IssueContext::default() })
                 .await
                 .unwrap()
                 .serial,
@@ -690,7 +703,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (issuer, cache, key, metrics) = setup(dir.path());
         let ctx = IssueContext::default();
-        let first = cache.x509(&key, || ctx.clone()).await.unwrap();
+        let first = cache.x509(&key, async { ctx.clone() }).await.unwrap();
         let _hold = cache.hold(vec![key.clone()]);
 
         issuer.fail.store(true, Ordering::SeqCst);
@@ -699,7 +712,11 @@ mod tests {
         assert_eq!(issuer.calls.load(Ordering::SeqCst), 2, "renewal attempted");
         assert_eq!(metrics.renewal_failures.get(), 1);
         assert_eq!(
-            cache.x509(&key, || ctx.clone()).await.unwrap().serial,
+            cache
+                .x509(&key, async { ctx.clone() })
+                .await
+                .unwrap()
+                .serial,
             first.serial,
             "still-valid SVID kept"
         );
@@ -721,7 +738,11 @@ mod tests {
         settle().await;
         assert_eq!(issuer.calls.load(Ordering::SeqCst), 4);
         assert_ne!(
-            cache.x509(&key, || ctx.clone()).await.unwrap().serial,
+            cache
+                .x509(&key, async { ctx.clone() })
+                .await
+                .unwrap()
+                .serial,
             first.serial,
             "renewed once the issuer is back"
         );
@@ -760,7 +781,10 @@ mod tests {
             ttl: Duration::from_secs(60),
             extensions: vec![],
         };
-        let err = cache.x509(&key, IssueContext::default).await.unwrap_err();
+        let err = cache
+            .x509(&key, async { IssueContext::default() })
+            .await
+            .unwrap_err();
         assert!(err.0.contains("another identity or key"), "{err}");
     }
 }

@@ -20,6 +20,7 @@ use crate::api::delegation as pb;
 use crate::audit::{
     Action, Attestation, AuditEvent, Credential, CredentialKind, Decision, Delegation, Identity,
 };
+use crate::policy::FactNeeds;
 use crate::spiffe::SpiffeId;
 use crate::token::{self, Issued};
 
@@ -253,7 +254,11 @@ impl DelegationApi {
         method: &'static str,
     ) -> Result<Entitled, Status> {
         let peer: PeerInfo = peer_of(req)?;
-        self.api.resolve_entitled(&peer, method).await
+        // Every fact: task tokens and their records are rare next to SVID fetches, and the
+        // issuer and the records take the full facts.
+        self.api
+            .resolve_entitled(&peer, method, FactNeeds::ALL)
+            .await
     }
 
     fn observed<T>(

@@ -27,7 +27,9 @@ use crate::audit::{Action, Attestation, AuditEvent, AuditLog, Decision, Identity
 use crate::composite::CompositeIdentity;
 use crate::crypto::jwt;
 use crate::metrics::{MethodLabels, NodeMetrics};
-use crate::policy::{Entitlement, EntitlementCache, Evaluation, PolicySet, WorkloadFacts};
+use crate::policy::{
+    Entitlement, EntitlementCache, Evaluation, FactNeeds, PolicySet, WorkloadFacts,
+};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// gRPC metadata every Workload API request must carry (value exactly `true`).
@@ -74,13 +76,18 @@ const ENTITLEMENT_CACHE_MAX: usize = 1024;
 struct Caller {
     peer: PeerInfo,
     facts: WorkloadFacts,
+    /// Which facts were gathered.
+    needs: FactNeeds,
     evaluation: Arc<Evaluation>,
 }
 
 /// An attested caller with the identities it can be issued, composite identities checked.
 pub(super) struct Entitled {
     pub(super) peer: PeerInfo,
+    /// What the decision was made on: the facts in `needs`, and those that come with the
+    /// connection. [`Entitled::full_facts`] adds the rest for records.
     pub(super) facts: WorkloadFacts,
+    needs: FactNeeds,
     pub(super) issuable: Vec<Issuable>,
 }
 
@@ -91,29 +98,42 @@ pub(super) struct Issuable {
 }
 
 impl Entitled {
-    /// Who asked, for the audit record of an issuance (built only when one is written).
-    fn context(&self, i: &Issuable) -> IssueContext {
+    /// Who asked, for the audit record of an issuance and the issuer (built only when an
+    /// SVID is signed). It carries every fact, not only those the decision needed.
+    async fn context(&self, api: &WorkloadApi, i: &Issuable) -> IssueContext {
+        let facts = self.full_facts(api).await;
         IssueContext {
             pid: Some(self.peer.pid as u32),
             uid: Some(self.peer.uid),
             gid: Some(self.peer.gid),
-            selectors: audit_selectors(&self.facts),
+            selectors: audit_selectors(&facts),
             policy: i.e.policy.to_string(),
             identity: i
                 .composed
                 .as_deref()
                 .map(audit_identity)
                 .unwrap_or_default(),
-            workload: self.claims(i),
+            workload: Self::claims_of(facts, i),
         }
     }
 
-    /// What was attested for `i`, for an issuer that checks it again.
+    /// What was attested for `i`, for an issuer that checks it again. Complete only when
+    /// the caller was resolved with [`FactNeeds::ALL`].
     pub(super) fn claims(&self, i: &Issuable) -> Arc<WorkloadClaims> {
+        Self::claims_of(self.facts.clone(), i)
+    }
+
+    fn claims_of(facts: WorkloadFacts, i: &Issuable) -> Arc<WorkloadClaims> {
         Arc::new(WorkloadClaims {
-            facts: self.facts.clone(),
+            facts,
             composite: i.composed.as_ref().map(|c| c.identity.clone()),
         })
+    }
+
+    /// The caller's facts with those the policies did not need added (see
+    /// [`WorkloadApi::full_facts`]).
+    pub(super) async fn full_facts(&self, api: &WorkloadApi) -> WorkloadFacts {
+        api.full_facts(&self.peer, &self.facts, self.needs).await
     }
 
     /// The composite identity stated under each SPIFFE ID (for drift records).
@@ -277,8 +297,18 @@ impl WorkloadApi {
 
     /// Attests the caller and evaluates the policies. Attestation failure is `Unavailable`
     /// (clients retry); no entitlement is `PermissionDenied` with the standard message.
-    async fn resolve(&self, peer: &PeerInfo, method: &'static str) -> Result<Caller, Status> {
-        let mut facts = match self.attestor.attest(peer).await {
+    /// Gathered are the facts some policy in force can use, and `extra`.
+    async fn resolve(
+        &self,
+        peer: &PeerInfo,
+        method: &'static str,
+        extra: FactNeeds,
+    ) -> Result<Caller, Status> {
+        // The policies first: what they need is what attestation gathers, and they are what
+        // the facts are evaluated against.
+        let policies = self.policies.borrow().clone();
+        let needs = policies.fact_needs().union(extra);
+        let mut facts = match self.attestor.attest(peer, needs).await {
             Ok(f) => f,
             Err(e) if e.is_denial() => {
                 self.deny(method, peer, &WorkloadFacts::default(), &e.to_string());
@@ -296,7 +326,6 @@ impl WorkloadApi {
                 )));
             }
         };
-        let policies = self.policies.borrow().clone();
         if policies.needs_user_name() {
             resolve_user_name(&mut facts);
         }
@@ -307,23 +336,71 @@ impl WorkloadApi {
         Ok(Caller {
             peer: peer.clone(),
             facts,
+            needs,
             evaluation,
         })
+    }
+
+    /// `facts`, gathered with `needs`, with the facts the policies did not need added: what
+    /// audit records and issuers are given, so a record says what ran even where the policy
+    /// only asked for a uid. Only where something was left out is the caller attested again;
+    /// if that fails the record keeps what the decision was made on.
+    pub(super) async fn full_facts(
+        &self,
+        peer: &PeerInfo,
+        facts: &WorkloadFacts,
+        needs: FactNeeds,
+    ) -> WorkloadFacts {
+        let mut full = facts.clone();
+        if needs == FactNeeds::ALL {
+            return full;
+        }
+        match self.attestor.attest(peer, FactNeeds::ALL).await {
+            Ok(more) => {
+                if let (Some(u), Some(m)) = (full.unix.as_mut(), more.unix) {
+                    u.path = u.path.take().or(m.path);
+                    u.sha256 = u.sha256.take().or(m.sha256);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(pid = peer.pid, error = %e, "attesting the caller again for the record")
+            }
+        }
+        full
+    }
+
+    /// Records a denial of a resolved caller, with its full facts.
+    async fn deny_resolved(
+        &self,
+        method: &'static str,
+        peer: &PeerInfo,
+        facts: &WorkloadFacts,
+        needs: FactNeeds,
+        reason: &str,
+    ) {
+        let facts = self.full_facts(peer, facts, needs).await;
+        self.deny(method, peer, &facts, reason);
     }
 
     /// Attests the caller, evaluates the policies and builds the composite identity each
     /// entitlement states, checking its pins. An entitlement whose composite is refused is
     /// dropped (and audited with the reason); none left is `PermissionDenied`, or
     /// `Unavailable` when a declared file could not be hashed.
+    ///
+    /// The facts gathered are those some policy in force can use, and `extra`; the rest are
+    /// added for records of denials and issuances (see [`WorkloadApi::full_facts`]).
     pub(super) async fn resolve_entitled(
         &self,
         peer: &PeerInfo,
         method: &'static str,
+        extra: FactNeeds,
     ) -> Result<Entitled, Status> {
-        let caller = self.resolve(peer, method).await?;
+        let caller = self.resolve(peer, method, extra).await?;
+        let (facts, needs) = (&caller.facts, caller.needs);
         let entitlements = &caller.evaluation.entitlements;
         if entitlements.is_empty() {
-            self.deny(method, peer, &caller.facts, "no policy matches the caller");
+            let reason = "no policy matches the caller";
+            self.deny_resolved(method, peer, facts, needs, reason).await;
             return Err(Status::permission_denied(NO_IDENTITY));
         }
         if caller.facts.k8s.is_none() && entitlements.iter().all(|e| e.composite.is_none()) {
@@ -338,6 +415,7 @@ impl WorkloadApi {
             return Ok(Entitled {
                 peer: caller.peer,
                 facts: caller.facts,
+                needs,
                 issuable,
             });
         }
@@ -352,11 +430,13 @@ impl WorkloadApi {
                 }),
                 Err(ComposeError::Pin(pin)) => {
                     let reason = format!("policy {}: {pin}", e.policy);
-                    self.deny(method, peer, &caller.facts, &reason);
+                    self.deny_resolved(method, peer, facts, needs, &reason)
+                        .await;
                 }
                 Err(err) => {
                     let reason = format!("attestation failed: policy {}: {err}", e.policy);
-                    self.deny(method, peer, &caller.facts, &reason);
+                    self.deny_resolved(method, peer, facts, needs, &reason)
+                        .await;
                     unavailable.get_or_insert(err.to_string());
                 }
             }
@@ -370,6 +450,7 @@ impl WorkloadApi {
         Ok(Entitled {
             peer: caller.peer,
             facts: caller.facts,
+            needs,
             issuable,
         })
     }
@@ -467,7 +548,7 @@ impl WorkloadApi {
                     .map(|c| c.extensions.clone())
                     .unwrap_or_default(),
             };
-            match self.cache.x509(&key, || caller.context(i)).await {
+            match self.cache.x509(&key, caller.context(self, i)).await {
                 Ok(svid) => svids.push((
                     key,
                     pb::X509svid {
@@ -590,7 +671,9 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         changes.mark_unchanged();
         let result = async {
             let peer = peer_of(&req)?;
-            let caller = self.resolve_entitled(&peer, METHOD).await?;
+            let caller = self
+                .resolve_entitled(&peer, METHOD, FactNeeds::NONE)
+                .await?;
             let (first, keys) = self.x509_response(&caller).await?;
             Ok((caller, first, keys))
         }
@@ -619,7 +702,11 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                 // Every wake-up re-attests and re-evaluates: rotation, bundle and policy
                 // changes all lead to a full-state message if anything differs.
                 w.changes.changed().await.ok()?;
-                let next = match w.api.resolve_entitled(&w.peer, METHOD).await {
+                let next = match w
+                    .api
+                    .resolve_entitled(&w.peer, METHOD, FactNeeds::NONE)
+                    .await
+                {
                     Ok(caller) => match w.api.x509_response(&caller).await {
                         Ok((msg, keys)) => Ok((caller, msg, keys)),
                         Err(status) => Err(status),
@@ -731,7 +818,8 @@ impl WorkloadApi {
         let start = Instant::now();
         let result = async {
             let peer = peer_of(req)?;
-            self.resolve_entitled(&peer, method).await?;
+            self.resolve_entitled(&peer, method, FactNeeds::NONE)
+                .await?;
             Ok(peer)
         }
         .await;
@@ -757,15 +845,14 @@ impl WorkloadApi {
                 })?),
             };
         let peer = peer_of(req)?;
-        let caller = self.resolve_entitled(&peer, method).await?;
+        let caller = self
+            .resolve_entitled(&peer, method, FactNeeds::NONE)
+            .await?;
         let chosen = |i: &&Issuable| wanted.as_ref().is_none_or(|w| w == &i.e.spiffe_id);
         if !caller.issuable.iter().any(|i| chosen(&i)) {
-            self.deny(
-                method,
-                &peer,
-                &caller.facts,
-                &format!("not entitled to {}", body.spiffe_id),
-            );
+            let facts = caller.full_facts(self).await;
+            let reason = format!("not entitled to {}", body.spiffe_id);
+            self.deny(method, &peer, &facts, &reason);
             return Err(Status::permission_denied(NO_IDENTITY));
         }
         let mut svids = Vec::with_capacity(1);
@@ -785,7 +872,7 @@ impl WorkloadApi {
             };
             let token = self
                 .cache
-                .jwt(key, claims, || caller.context(i))
+                .jwt(key, claims, caller.context(self, i))
                 .await
                 .map_err(|err| Status::unavailable(format!("JWT-SVID issuance failed: {err}")))?;
             svids.push(pb::Jwtsvid {
@@ -897,7 +984,7 @@ where
                     w.policies.mark_unchanged();
                     // Bundles are for callers with an identity (XB-02, JB-04): a caller whose
                     // last identity was withdrawn is told so, as on FetchX509SVID.
-                    if let Err(status) = w.api.resolve_entitled(&w.peer, method).await {
+                    if let Err(status) = w.api.resolve_entitled(&w.peer, method, FactNeeds::NONE).await {
                         return Some((Err(status), None));
                     }
                     continue;
@@ -977,7 +1064,7 @@ mod tests {
 
     #[async_trait::async_trait]
     impl WorkloadAttestor for Uid1000 {
-        async fn attest(&self, _: &PeerInfo) -> Result<WorkloadFacts, AttestError> {
+        async fn attest(&self, _: &PeerInfo, _: FactNeeds) -> Result<WorkloadFacts, AttestError> {
             Ok(WorkloadFacts {
                 unix: Some(UnixFacts {
                     uid: 1000,

@@ -47,6 +47,45 @@ impl K8sFacts {
     }
 }
 
+/// Which of the facts that cost a system call per call the policies in force can use. The
+/// attestor gathers only these on the serving path; uid, gid and groups come with the
+/// connection and are always there. Audit records take the full facts ([`FactNeeds::ALL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FactNeeds {
+    /// The executable's path (`readlink` of `/proc/<pid>/exe`).
+    pub exe_path: bool,
+    /// The executable's digest (`stat` of `/proc/<pid>/exe`; hashed once per file version).
+    pub exe_sha256: bool,
+}
+
+impl FactNeeds {
+    /// Every fact.
+    pub const ALL: Self = Self {
+        exe_path: true,
+        exe_sha256: true,
+    };
+    /// Only what comes with the connection.
+    pub const NONE: Self = Self {
+        exe_path: false,
+        exe_sha256: false,
+    };
+
+    /// Both sets of needs.
+    pub fn union(self, other: Self) -> Self {
+        Self {
+            exe_path: self.exe_path || other.exe_path,
+            exe_sha256: self.exe_sha256 || other.exe_sha256,
+        }
+    }
+}
+
+impl Default for FactNeeds {
+    /// Every fact: a caller that does not say what it needs gets everything.
+    fn default() -> Self {
+        Self::ALL
+    }
+}
+
 /// Facts the kernel reports about a local process.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct UnixFacts {

@@ -13,7 +13,7 @@ pub use declared::{
     ANNOTATION_AGENT_NAME, ANNOTATION_AGENT_VERSION, ANNOTATION_CONFIG_FILES, ANNOTATION_MODEL,
     ANNOTATION_TOOLS_FILES, Declared, DeclaredError,
 };
-pub use facts::{AGENT_NAME_ANNOTATION, K8sFacts, UnixFacts, WorkloadFacts};
+pub use facts::{AGENT_NAME_ANNOTATION, FactNeeds, K8sFacts, UnixFacts, WorkloadFacts};
 pub use load::{
     PolicyError, PolicySource, from_sources, load_paths, parse_documents, read_sources,
 };
@@ -54,6 +54,20 @@ pub struct Policy {
     pub token_rules: Arc<TokenRules>,
 }
 
+impl Policy {
+    /// The facts this policy's selector and composite identity read.
+    fn fact_needs(&self) -> FactNeeds {
+        if self.composite.is_some() {
+            return FactNeeds::ALL;
+        }
+        let unix = self.selector.unix.as_ref();
+        FactNeeds {
+            exe_path: unix.is_some_and(|u| u.path.is_some()),
+            exe_sha256: unix.is_some_and(|u| u.sha256.is_some()),
+        }
+    }
+}
+
 /// One identity a caller is entitled to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entitlement {
@@ -69,20 +83,40 @@ pub struct Entitlement {
 }
 
 /// All policies in force, in a stable order: files sorted by path, documents in file order.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PolicySet {
     policies: Vec<Policy>,
     /// The texts the policies were parsed from, when they came from texts.
     sources: Arc<[PolicySource]>,
+    /// What matching and composing need to know about a caller (derived from `policies`).
+    needs: FactNeeds,
+}
+
+impl Default for PolicySet {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
 }
 
 impl PolicySet {
     /// Wraps already validated policies (names must be unique).
     pub fn new(policies: Vec<Policy>) -> Self {
+        let needs = policies
+            .iter()
+            .map(Policy::fact_needs)
+            .fold(FactNeeds::NONE, FactNeeds::union);
         Self {
             policies,
             sources: Arc::new([]),
+            needs,
         }
+    }
+
+    /// The facts about a caller that some policy can use: a selector on the executable, or a
+    /// composite identity (which states the executable). Facts outside it cannot change
+    /// what a caller is entitled to.
+    pub fn fact_needs(&self) -> FactNeeds {
+        self.needs
     }
 
     /// The same policies, remembering the texts they were parsed from.
@@ -326,5 +360,42 @@ spec:
             [(name, TemplateError::BadValue { name: "Namespace", .. })] if name == "pod-agent"
         ));
         assert!(!set.needs_user_name());
+    }
+
+    #[test]
+    fn fact_needs_follow_the_selectors_and_composites() {
+        let td = TrustDomain::new("td").unwrap();
+        let needs = |selector: &str, extra: &str| {
+            let yaml = format!(
+                "apiVersion: agentid.dev/v1alpha1\nkind: AgentIdentity\nmetadata: {{name: n}}\nspec:\n  spiffeID: \"spiffe://{{{{ .TrustDomain }}}}/n\"\n  selector: {{unix: {selector}}}\n{extra}"
+            );
+            PolicySet::new(parse_documents("n.yaml", &yaml, &td).unwrap()).fact_needs()
+        };
+        assert_eq!(needs("{uid: 1000}", ""), FactNeeds::NONE);
+        assert_eq!(
+            PolicySet::default_for_user(1000, "ada").fact_needs(),
+            FactNeeds::NONE
+        );
+        assert_eq!(
+            needs("{uid: 1000, path: /usr/bin/agent}", ""),
+            FactNeeds {
+                exe_path: true,
+                exe_sha256: false
+            }
+        );
+        let hex = "ab".repeat(32);
+        assert_eq!(
+            needs(&format!("{{sha256: \"{hex}\"}}"), ""),
+            FactNeeds {
+                exe_path: false,
+                exe_sha256: true
+            }
+        );
+        // A composite identity states the executable.
+        assert_eq!(
+            needs("{uid: 1000}", "  composite: {agentName: a}\n"),
+            FactNeeds::ALL
+        );
+        assert_eq!(PolicySet::default().fact_needs(), FactNeeds::NONE);
     }
 }

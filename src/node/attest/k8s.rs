@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::cgroup::{self, ContainerRef};
 use super::{AttestError, UnixAttestor, WorkloadAttestor};
 use crate::node::peer::PeerInfo;
-use crate::policy::{K8sFacts, WorkloadFacts};
+use crate::policy::{FactNeeds, K8sFacts, WorkloadFacts};
 
 /// Where pod facts come from: the node's pod index.
 #[async_trait::async_trait]
@@ -59,9 +59,13 @@ impl K8sAttestor {
 
 #[async_trait::async_trait]
 impl WorkloadAttestor for K8sAttestor {
-    async fn attest(&self, peer: &PeerInfo) -> Result<WorkloadFacts, AttestError> {
+    async fn attest(
+        &self,
+        peer: &PeerInfo,
+        needs: FactNeeds,
+    ) -> Result<WorkloadFacts, AttestError> {
         let container = self.container_of(peer.pid)?;
-        let mut facts = self.unix.attest(peer).await?;
+        let mut facts = self.unix.attest(peer, needs).await?;
         let Some(container) = container else {
             // Not in a pod: only unix selectors can match it.
             return Ok(facts);

@@ -11,7 +11,7 @@ pub use unix::{resolve_user_name, user_name};
 pub use unix::UnixAttestor;
 
 use crate::node::peer::PeerInfo;
-use crate::policy::WorkloadFacts;
+use crate::policy::{FactNeeds, WorkloadFacts};
 
 /// Why a caller could not be attested. Mapped to `Unavailable` at the API edge, except
 /// [`AttestError::UnknownPod`], which is `PermissionDenied`.
@@ -42,6 +42,8 @@ impl AttestError {
 /// A source of facts about callers. `up`, Kubernetes and tests plug in their own.
 #[async_trait::async_trait]
 pub trait WorkloadAttestor: Send + Sync + 'static {
-    /// Gathers the facts about the process behind `peer`.
-    async fn attest(&self, peer: &PeerInfo) -> Result<WorkloadFacts, AttestError>;
+    /// Gathers the facts about the process behind `peer`: always those that come with the
+    /// connection and the pod it runs in, and of the rest those in `needs`.
+    async fn attest(&self, peer: &PeerInfo, needs: FactNeeds)
+    -> Result<WorkloadFacts, AttestError>;
 }

@@ -22,7 +22,7 @@ use aws_lc_rs::digest;
 use super::digest_cache::{DigestCache, FileKey};
 use super::{AttestError, WorkloadAttestor};
 use crate::node::peer::PeerInfo;
-use crate::policy::{UnixFacts, WorkloadFacts};
+use crate::policy::{FactNeeds, UnixFacts, WorkloadFacts};
 
 /// Attests local processes. Executable digests are cached by (device, inode, size, mtime,
 /// ctime) so a fetch does not re-hash a large binary on every call.
@@ -94,18 +94,22 @@ impl<'a> ProcDir<'a> {
         }
     }
 
-    /// The path and file key of the executable `exe` leads to (`readlinkat` and `statx`).
-    fn exe(&self) -> Result<(String, FileKey), AttestError> {
-        use rustix::fs::{AtFlags, StatxFlags};
-        let exe = self.entry("exe");
-        let link = rustix::fs::readlinkat(self.dir, &*exe, Vec::new())
+    /// The path of the executable `exe` leads to (`readlinkat`).
+    fn exe_path(&self) -> Result<String, AttestError> {
+        let link = rustix::fs::readlinkat(self.dir, &*self.entry("exe"), Vec::new())
             .map_err(|e| self.error("exe", e.into()))?;
-        let st = rustix::fs::statx(self.dir, &*exe, AtFlags::empty(), StatxFlags::BASIC_STATS)
-            .map_err(|e| self.error("exe", e.into()))?;
-        let path = link
+        Ok(link
             .into_string()
-            .unwrap_or_else(|e| e.into_cstring().to_string_lossy().into_owned());
-        Ok((path, FileKey::from(&st)))
+            .unwrap_or_else(|e| e.into_cstring().to_string_lossy().into_owned()))
+    }
+
+    /// The file key of the executable `exe` leads to (`statx`).
+    fn exe_key(&self) -> Result<FileKey, AttestError> {
+        use rustix::fs::{AtFlags, StatxFlags};
+        let flags = StatxFlags::BASIC_STATS;
+        rustix::fs::statx(self.dir, &*self.entry("exe"), AtFlags::empty(), flags)
+            .map(|st| FileKey::from(&st))
+            .map_err(|e| self.error("exe", e.into()))
     }
 
     /// Opens entry `name` for reading.
@@ -193,38 +197,33 @@ fn parse_groups(line: &[u8], path: &std::path::Path) -> Result<Vec<u32>, AttestE
 
 #[async_trait::async_trait]
 impl WorkloadAttestor for UnixAttestor {
-    async fn attest(&self, peer: &PeerInfo) -> Result<WorkloadFacts, AttestError> {
+    async fn attest(
+        &self,
+        peer: &PeerInfo,
+        needs: FactNeeds,
+    ) -> Result<WorkloadFacts, AttestError> {
         let proc = ProcDir::of(peer);
-        // /proc reads are memory-backed and take microseconds: done inline. Hashing an
-        // executable is not, so a cache miss goes to the blocking pool (once per binary).
-        // /proc/<pid>/exe leads to the very file the process runs, even if it was replaced
-        // or deleted on disk since. Its metadata is the digest cache key; the file is opened
-        // only to hash it.
-        let (path, key) = proc.exe()?;
-        let sha256 = match self.inner.digests.get(key) {
-            Some(d) => d,
-            None => {
-                let file = proc.open("exe")?;
-                let name = proc.path("exe");
-                // Keyed by what was opened, in case the process exec'd since the stat.
-                let meta = file.metadata().map_err(|source| AttestError::Proc {
-                    path: name.clone(),
-                    source,
-                })?;
-                let inner = self.inner.clone();
-                tokio::task::spawn_blocking(move || inner.hash(file, &meta, &name))
-                    .await
-                    .map_err(|e| AttestError::Malformed {
-                        path: "digest worker".into(),
-                        detail: e.to_string(),
-                    })??
-            }
+        // /proc reads are memory-backed and take microseconds: done inline. Each is still a
+        // path walk and an access check in the kernel, so only what `needs` asks for is read.
+        let path = match needs.exe_path {
+            true => Some(proc.exe_path()?),
+            false => None,
         };
-        let supplementary_gids = match &peer.groups {
-            Some(groups) => groups.to_vec(),
-            None => proc.supplementary_gids()?,
+        let sha256 = match needs.exe_sha256 {
+            true => Some(self.exe_digest(&proc).await?),
+            false => None,
         };
-        proc.check_alive()?;
+        let (supplementary_gids, read_proc) = match &peer.groups {
+            Some(groups) => (groups.to_vec(), path.is_some() || sha256.is_some()),
+            None => (proc.supplementary_gids()?, true),
+        };
+        match read_proc {
+            true => proc.check_alive()?,
+            // Credentials the kernel took at connect() and nothing else: they describe the
+            // caller only while the process that connected is still there.
+            false if !peer.is_alive() => return Err(AttestError::Exited(peer.pid)),
+            false => {}
+        }
         Ok(WorkloadFacts {
             unix: Some(UnixFacts {
                 uid: peer.uid,
@@ -233,11 +232,38 @@ impl WorkloadAttestor for UnixAttestor {
                 // Looked up only when needed (`resolve_user_name`): it depends on the
                 // uid alone, and the passwd lookup costs more than everything above.
                 user_name: None,
-                path: Some(path),
-                sha256: Some(sha256),
+                path,
+                sha256,
             }),
             k8s: None,
         })
+    }
+}
+
+impl UnixAttestor {
+    /// The digest of the caller's executable: from the cache by file key, else hashed.
+    async fn exe_digest(&self, proc: &ProcDir<'_>) -> Result<String, AttestError> {
+        // /proc/<pid>/exe leads to the very file the process runs, even if it was replaced
+        // or deleted on disk since. Its metadata is the digest cache key; the file is opened
+        // only to hash it, which is not quick: a miss goes to the blocking pool (once per
+        // binary version).
+        if let Some(d) = self.inner.digests.get(proc.exe_key()?) {
+            return Ok(d);
+        }
+        let file = proc.open("exe")?;
+        let name = proc.path("exe");
+        // Keyed by what was opened, in case the process exec'd since the stat.
+        let meta = file.metadata().map_err(|source| AttestError::Proc {
+            path: name.clone(),
+            source,
+        })?;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.hash(file, &meta, &name))
+            .await
+            .map_err(|e| AttestError::Malformed {
+                path: "digest worker".into(),
+                detail: e.to_string(),
+            })?
     }
 }
 
@@ -288,6 +314,9 @@ pub fn user_name(uid: u32) -> Option<String> {
 mod tests {
     use super::*;
 
+    const ALL: FactNeeds = FactNeeds::ALL;
+    const NONE: FactNeeds = FactNeeds::NONE;
+
     #[test]
     fn groups_line_is_found_only_when_complete() {
         let status = b"Name:\tx\nUid:\t0\t0\t0\t0\nGroups:\t4 27 1000 \nNSgid:\t0\n";
@@ -318,7 +347,7 @@ mod tests {
             "a pidfd and /proc/<pid> were taken"
         );
         let attestor = UnixAttestor::new();
-        let unix = attestor.attest(&peer).await.unwrap().unix.unwrap();
+        let unix = attestor.attest(&peer, ALL).await.unwrap().unix.unwrap();
         let sleep = std::fs::canonicalize(which("sleep")).unwrap();
         assert_eq!(unix.path.as_deref(), sleep.to_str());
         // Groups come from /proc/<pid>/status (no socket to ask): through the directory too.
@@ -328,13 +357,53 @@ mod tests {
             unix.supplementary_gids,
             parse_groups(line, std::path::Path::new("status")).unwrap()
         );
+        // With the groups from the socket and no executable facts asked for, nothing is read
+        // from /proc at all: the liveness check still stands for the rest.
+        let mut connected = peer.clone();
+        connected.groups = Some(Arc::from(vec![4u32, 5]));
+        let bare = attestor
+            .attest(&connected, NONE)
+            .await
+            .unwrap()
+            .unix
+            .unwrap();
+        assert_eq!((bare.path, bare.sha256), (None, None));
+        assert_eq!(bare.supplementary_gids, [4, 5]);
         child.kill().unwrap();
         child.wait().unwrap();
-        let err = attestor.attest(&peer).await.unwrap_err();
-        assert!(
-            matches!(err, AttestError::Exited(pid) if pid == peer.pid),
-            "{err:?}"
-        );
+        for (p, needs) in [(&peer, ALL), (&peer, NONE), (&connected, NONE)] {
+            let err = attestor.attest(p, needs).await.unwrap_err();
+            assert!(
+                matches!(err, AttestError::Exited(pid) if pid == peer.pid),
+                "{needs:?}: {err:?}"
+            );
+        }
+    }
+
+    /// Each executable fact is read only when asked for, and is the same as when all are.
+    #[tokio::test]
+    async fn gathers_only_the_executable_facts_asked_for() {
+        let attestor = UnixAttestor::new();
+        let peer = PeerInfo::current_process();
+        let all = attestor.attest(&peer, ALL).await.unwrap().unix.unwrap();
+        assert!(all.path.is_some() && all.sha256.is_some());
+        for exe_path in [false, true] {
+            for exe_sha256 in [false, true] {
+                let needs = FactNeeds {
+                    exe_path,
+                    exe_sha256,
+                };
+                let unix = attestor.attest(&peer, needs).await.unwrap().unix.unwrap();
+                assert_eq!(unix.path.is_some(), exe_path, "{needs:?}");
+                assert_eq!(unix.sha256.is_some(), exe_sha256, "{needs:?}");
+                let expected = UnixFacts {
+                    path: unix.path.clone().or(all.path.clone()),
+                    sha256: unix.sha256.clone().or(all.sha256.clone()),
+                    ..unix.clone()
+                };
+                assert_eq!(expected, all, "{needs:?}");
+            }
+        }
     }
 
     fn which(cmd: &str) -> std::path::PathBuf {
@@ -355,7 +424,7 @@ mod tests {
             let mut p = peer.clone();
             p.groups = None;
             attestor
-                .attest(&p)
+                .attest(&p, ALL)
                 .await
                 .unwrap()
                 .unix
@@ -371,7 +440,7 @@ mod tests {
         groups.truncate(n.max(0) as usize);
         // First call hashes the executable, the second one finds the digest cached.
         for _ in 0..2 {
-            let facts = attestor.attest(&peer).await.unwrap();
+            let facts = attestor.attest(&peer, ALL).await.unwrap();
             let unix = facts.unix.unwrap();
             assert_eq!((unix.uid, unix.gid), (peer.uid, peer.gid));
             assert_eq!(unix.path.as_deref(), exe.to_str());
