@@ -180,6 +180,16 @@ impl SvidCache {
         if let Some(svid) = self.cached(key) {
             return Ok(svid);
         }
+        // Boxed: a future keeps room for its largest branch, and this one is rare next to
+        // hits; inline, every fetch would carry it.
+        Box::pin(self.issue_x509(key, ctx)).await
+    }
+
+    async fn issue_x509(
+        &self,
+        key: &SvidKey,
+        ctx: impl Future<Output = IssueContext>,
+    ) -> Result<Arc<X509Svid>, IssueError> {
         // One issuance at a time: concurrent first fetches of one identity share the result.
         let _guard = self.inner.issuing.lock().await;
         if let Some(svid) = self.cached(key) {
@@ -251,6 +261,17 @@ impl SvidCache {
         {
             return Ok(e.token.clone());
         }
+        // Boxed, as in `x509`.
+        Box::pin(self.sign_jwt(key, claims, ctx, now)).await
+    }
+
+    async fn sign_jwt(
+        &self,
+        key: JwtKey,
+        claims: impl FnOnce() -> serde_json::Map<String, serde_json::Value>,
+        ctx: impl Future<Output = IssueContext>,
+        now: Instant,
+    ) -> Result<String, IssueError> {
         let ctx = ctx.await;
         let req = JwtRequest {
             spiffe_id: key.spiffe_id.clone(),

@@ -400,7 +400,7 @@ impl WorkloadApi {
         let entitlements = &caller.evaluation.entitlements;
         if entitlements.is_empty() {
             let reason = "no policy matches the caller";
-            self.deny_resolved(method, peer, facts, needs, reason).await;
+            Box::pin(self.deny_resolved(method, peer, facts, needs, reason)).await;
             return Err(Status::permission_denied(NO_IDENTITY));
         }
         if caller.facts.k8s.is_none() && entitlements.iter().all(|e| e.composite.is_none()) {
@@ -419,7 +419,8 @@ impl WorkloadApi {
                 issuable,
             });
         }
-        let composed = self.compose(&caller).await?;
+        // Boxed, like the denials: what every call awaits stays small.
+        let composed = Box::pin(self.compose(&caller)).await?;
         let mut issuable = Vec::with_capacity(entitlements.len());
         let mut unavailable = None;
         for (e, result) in entitlements.iter().zip(composed) {
@@ -430,13 +431,11 @@ impl WorkloadApi {
                 }),
                 Err(ComposeError::Pin(pin)) => {
                     let reason = format!("policy {}: {pin}", e.policy);
-                    self.deny_resolved(method, peer, facts, needs, &reason)
-                        .await;
+                    Box::pin(self.deny_resolved(method, peer, facts, needs, &reason)).await;
                 }
                 Err(err) => {
                     let reason = format!("attestation failed: policy {}: {err}", e.policy);
-                    self.deny_resolved(method, peer, facts, needs, &reason)
-                        .await;
+                    Box::pin(self.deny_resolved(method, peer, facts, needs, &reason)).await;
                     unavailable.get_or_insert(err.to_string());
                 }
             }
@@ -702,17 +701,16 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                 // Every wake-up re-attests and re-evaluates: rotation, bundle and policy
                 // changes all lead to a full-state message if anything differs.
                 w.changes.changed().await.ok()?;
-                let next = match w
-                    .api
-                    .resolve_entitled(&w.peer, METHOD, FactNeeds::NONE)
-                    .await
-                {
-                    Ok(caller) => match w.api.x509_response(&caller).await {
-                        Ok((msg, keys)) => Ok((caller, msg, keys)),
-                        Err(status) => Err(status),
-                    },
-                    Err(status) => Err(status),
-                };
+                // Boxed: inline, its room would be part of every stream, from the first call.
+                let next = Box::pin(async {
+                    let caller = w
+                        .api
+                        .resolve_entitled(&w.peer, METHOD, FactNeeds::NONE)
+                        .await?;
+                    let (msg, keys) = w.api.x509_response(&caller).await?;
+                    Ok::<_, Status>((caller, msg, keys))
+                })
+                .await;
                 match next {
                     Ok((caller, msg, keys)) => {
                         w.hold = w.api.cache.hold(keys);
