@@ -40,8 +40,10 @@ fn quick_bench_reports_every_figure_against_the_floor() {
         for server in ["daemon", "floor"] {
             assert!(level[server]["calls"].as_u64().unwrap() > 0, "{level}");
             assert!(level[server]["p99_ms"].as_f64().unwrap() > 0.0, "{level}");
+            assert!(level[server]["mean_ms"].as_f64().unwrap() > 0.0, "{level}");
         }
         assert!(level["ratio"]["p50"].as_f64().unwrap() > 0.0, "{level}");
+        assert!(level["ratio"]["mean"].as_f64().unwrap() > 0.0, "{level}");
     }
     assert_eq!(report["jwt"][0]["clients"], 2);
     assert_eq!(report["rss"]["streams"], 20);

@@ -72,6 +72,7 @@ pub struct Level {
 pub struct Ratios {
     pub p50: f64,
     pub p99: f64,
+    pub mean: f64,
     pub per_sec: f64,
     pub server_cpu: f64,
 }
@@ -243,6 +244,7 @@ async fn measure_level(
         ratio: Ratios {
             p50: daemon.p50_ms / floor.p50_ms,
             p99: daemon.p99_ms / floor.p99_ms,
+            mean: daemon.mean_ms / floor.mean_ms,
             per_sec: daemon.per_sec / floor.per_sec,
             server_cpu: daemon.server_cpu_us / floor.server_cpu_us,
         },
@@ -381,6 +383,14 @@ pub fn render(r: &Report) -> String {
                 l.ratio.p99,
                 ms(d.p99_ms),
                 ms(f.p99_ms),
+            );
+            row(
+                &mut out,
+                &format!("{:<12} mean", ""),
+                None,
+                l.ratio.mean,
+                ms(d.mean_ms),
+                ms(f.mean_ms),
             );
             row(
                 &mut out,

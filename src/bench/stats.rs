@@ -12,6 +12,10 @@ pub struct Summary {
     pub calls: usize,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Mean latency. With many clients on few cores it is about clients / rate (Little's
+    /// law) whoever is served first, so it shows how fast the server is where the median
+    /// shows how evenly it serves its connections.
+    pub mean_ms: f64,
     /// Completed calls per second of measuring window.
     pub per_sec: f64,
     /// Server CPU time per completed call, in microseconds (all server threads).
@@ -28,6 +32,7 @@ impl Summary {
             calls: samples.len(),
             p50_ms: ms(percentile(&samples, 0.50)),
             p99_ms: ms(percentile(&samples, 0.99)),
+            mean_ms: ms(samples.iter().sum::<Duration>() / samples.len().max(1) as u32),
             per_sec: samples.len() as f64 / window.as_secs_f64().max(1e-9),
             server_cpu_us: server_cpu.as_secs_f64() * 1e6 / samples.len().max(1) as f64,
         }
@@ -58,6 +63,7 @@ mod tests {
         assert_eq!(s.calls, 100);
         assert_eq!(s.per_sec, 50.0);
         assert_eq!(s.p99_ms, 99.0);
+        assert_eq!(s.mean_ms, 50.5);
         assert_eq!(s.server_cpu_us, 100.0);
     }
 }
