@@ -79,7 +79,7 @@ impl DelegationApi {
             },
             rules: acting.e.token_rules.clone(),
             op,
-            workload: caller.claims(acting),
+            workload: caller.claims(&self.api, acting).await,
         };
         let delegating = matches!(req.op, TaskTokenOp::Delegate { .. });
         match self.issuer.task_token(req).await {

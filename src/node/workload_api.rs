@@ -117,10 +117,9 @@ impl Entitled {
         }
     }
 
-    /// What was attested for `i`, for an issuer that checks it again. Complete only when
-    /// the caller was resolved with [`FactNeeds::ALL`].
-    pub(super) fn claims(&self, i: &Issuable) -> Arc<WorkloadClaims> {
-        Self::claims_of(self.facts.clone(), i)
+    /// What was attested for `i`, every fact included, for an issuer that checks it again.
+    pub(super) async fn claims(&self, api: &WorkloadApi, i: &Issuable) -> Arc<WorkloadClaims> {
+        Self::claims_of(self.full_facts(api).await, i)
     }
 
     fn claims_of(facts: WorkloadFacts, i: &Issuable) -> Arc<WorkloadClaims> {
@@ -132,7 +131,7 @@ impl Entitled {
 
     /// The caller's facts with those the policies did not need added (see
     /// [`WorkloadApi::full_facts`]).
-    pub(super) async fn full_facts(&self, api: &WorkloadApi) -> WorkloadFacts {
+    async fn full_facts(&self, api: &WorkloadApi) -> WorkloadFacts {
         api.full_facts(&self.peer, &self.facts, self.needs).await
     }
 
@@ -369,17 +368,20 @@ impl WorkloadApi {
         full
     }
 
-    /// Records a denial of a resolved caller, with its full facts.
-    async fn deny_resolved(
-        &self,
+    /// Records a denial of a resolved caller, with its full facts. Boxed: denials are rare,
+    /// and inline the room for this future would be part of every call's.
+    fn deny_resolved<'a>(
+        &'a self,
         method: &'static str,
-        peer: &PeerInfo,
-        facts: &WorkloadFacts,
+        peer: &'a PeerInfo,
+        facts: &'a WorkloadFacts,
         needs: FactNeeds,
-        reason: &str,
-    ) {
-        let facts = self.full_facts(peer, facts, needs).await;
-        self.deny(method, peer, &facts, reason);
+        reason: &'a str,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let facts = self.full_facts(peer, facts, needs).await;
+            self.deny(method, peer, &facts, reason);
+        })
     }
 
     /// Attests the caller, evaluates the policies and builds the composite identity each
@@ -400,10 +402,10 @@ impl WorkloadApi {
         let entitlements = &caller.evaluation.entitlements;
         if entitlements.is_empty() {
             let reason = "no policy matches the caller";
-            Box::pin(self.deny_resolved(method, peer, facts, needs, reason)).await;
+            self.deny_resolved(method, peer, facts, needs, reason).await;
             return Err(Status::permission_denied(NO_IDENTITY));
         }
-        if caller.facts.k8s.is_none() && entitlements.iter().all(|e| e.composite.is_none()) {
+        if facts.k8s.is_none() && entitlements.iter().all(|e| e.composite.is_none()) {
             // No composite identity to build: every entitlement is issuable as it is.
             let issuable = entitlements
                 .iter()
@@ -431,11 +433,13 @@ impl WorkloadApi {
                 }),
                 Err(ComposeError::Pin(pin)) => {
                     let reason = format!("policy {}: {pin}", e.policy);
-                    Box::pin(self.deny_resolved(method, peer, facts, needs, &reason)).await;
+                    self.deny_resolved(method, peer, facts, needs, &reason)
+                        .await;
                 }
                 Err(err) => {
                     let reason = format!("attestation failed: policy {}: {err}", e.policy);
-                    Box::pin(self.deny_resolved(method, peer, facts, needs, &reason)).await;
+                    self.deny_resolved(method, peer, facts, needs, &reason)
+                        .await;
                     unavailable.get_or_insert(err.to_string());
                 }
             }
@@ -848,9 +852,9 @@ impl WorkloadApi {
             .await?;
         let chosen = |i: &&Issuable| wanted.as_ref().is_none_or(|w| w == &i.e.spiffe_id);
         if !caller.issuable.iter().any(|i| chosen(&i)) {
-            let facts = caller.full_facts(self).await;
             let reason = format!("not entitled to {}", body.spiffe_id);
-            self.deny(method, &peer, &facts, &reason);
+            self.deny_resolved(method, &peer, &caller.facts, caller.needs, &reason)
+                .await;
             return Err(Status::permission_denied(NO_IDENTITY));
         }
         let mut svids = Vec::with_capacity(1);

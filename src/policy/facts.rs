@@ -79,13 +79,6 @@ impl FactNeeds {
     }
 }
 
-impl Default for FactNeeds {
-    /// Every fact: a caller that does not say what it needs gets everything.
-    fn default() -> Self {
-        Self::ALL
-    }
-}
-
 /// Facts the kernel reports about a local process.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct UnixFacts {

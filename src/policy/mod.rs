@@ -88,8 +88,10 @@ pub struct PolicySet {
     policies: Vec<Policy>,
     /// The texts the policies were parsed from, when they came from texts.
     sources: Arc<[PolicySource]>,
-    /// What matching and composing need to know about a caller (derived from `policies`).
+    /// What matching and composing need to know about a caller (derived from `policies`,
+    /// once: both are asked on every call).
     needs: FactNeeds,
+    needs_user_name: bool,
 }
 
 impl Default for PolicySet {
@@ -105,10 +107,12 @@ impl PolicySet {
             .iter()
             .map(Policy::fact_needs)
             .fold(FactNeeds::NONE, FactNeeds::union);
+        let needs_user_name = policies.iter().any(|p| p.spiffe_id.uses("UserName"));
         Self {
             policies,
             sources: Arc::new([]),
             needs,
+            needs_user_name,
         }
     }
 
@@ -138,7 +142,7 @@ impl PolicySet {
 
     /// Whether matching needs the caller's user name (some template uses `{{ .UserName }}`).
     pub fn needs_user_name(&self) -> bool {
-        self.policies.iter().any(|p| p.spiffe_id.uses("UserName"))
+        self.needs_user_name
     }
 
     /// The identities a workload with `facts` is entitled to, first = default identity.

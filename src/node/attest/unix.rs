@@ -87,7 +87,7 @@ impl<'a> ProcDir<'a> {
     }
 
     fn entry<'n>(&self, name: &'n str) -> Cow<'n, str> {
-        if self.prefix.is_empty() {
+        if self.is_own() {
             Cow::Borrowed(name)
         } else {
             Cow::Owned(format!("{}{name}", self.prefix))
@@ -124,7 +124,7 @@ impl<'a> ProcDir<'a> {
     /// Why reading entry `name` failed. Through the caller's own directory, a read fails
     /// once it has exited: that is said as such.
     fn error(&self, name: &str, source: io::Error) -> AttestError {
-        if self.prefix.is_empty() && !self.peer.is_alive() {
+        if self.is_own() && !self.peer.is_alive() {
             return AttestError::Exited(self.peer.pid);
         }
         AttestError::Proc {
@@ -137,14 +137,9 @@ impl<'a> ProcDir<'a> {
         format!("/proc/{}/{name}", self.peer.pid)
     }
 
-    /// Whether what was read by path is about the caller: a live process's pid cannot be
-    /// reused. Reads through its own directory need no such check.
-    fn check_alive(&self) -> Result<(), AttestError> {
-        if self.prefix.is_empty() || self.peer.is_alive() {
-            Ok(())
-        } else {
-            Err(AttestError::Exited(self.peer.pid))
-        }
+    /// Whether reads go through the caller's own directory handle (not by path).
+    fn is_own(&self) -> bool {
+        self.prefix.is_empty()
     }
 
     /// The supplementary groups of the peer, from the `Groups:` line of `status`.
@@ -213,16 +208,17 @@ impl WorkloadAttestor for UnixAttestor {
             true => Some(self.exe_digest(&proc).await?),
             false => None,
         };
-        let (supplementary_gids, read_proc) = match &peer.groups {
-            Some(groups) => (groups.to_vec(), path.is_some() || sha256.is_some()),
-            None => (proc.supplementary_gids()?, true),
+        let supplementary_gids = match &peer.groups {
+            Some(groups) => groups.to_vec(),
+            None => proc.supplementary_gids()?,
         };
-        match read_proc {
-            true => proc.check_alive()?,
-            // Credentials the kernel took at connect() and nothing else: they describe the
-            // caller only while the process that connected is still there.
-            false if !peer.is_alive() => return Err(AttestError::Exited(peer.pid)),
-            false => {}
+        // Read through the caller's own directory, the facts are its own or the reads failed.
+        // Anything else (reads by path, or the connection's credentials alone) describes the
+        // caller only while the process that connected is still there.
+        let read_proc = path.is_some() || sha256.is_some() || peer.groups.is_none();
+        let through_own_dir = read_proc && proc.is_own();
+        if !(through_own_dir || peer.is_alive()) {
+            return Err(AttestError::Exited(peer.pid));
         }
         Ok(WorkloadFacts {
             unix: Some(UnixFacts {
