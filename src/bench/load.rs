@@ -8,6 +8,7 @@ use anyhow::{Context, ensure};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::{StreamExt, TryStreamExt};
+use tokio::sync::oneshot;
 use x509_parser::der_parser::parse_der;
 
 use super::floor::AUDIENCE;
@@ -37,7 +38,7 @@ impl Call {
 }
 
 /// Opens `n` clients to the socket at `path`, one connection each.
-pub async fn connect(path: &Path, n: usize) -> anyhow::Result<Vec<Client>> {
+async fn connect(path: &Path, n: usize) -> anyhow::Result<Vec<Client>> {
     futures::stream::iter(0..n)
         .map(|_| client::connect(path))
         .buffer_unordered(CONNECT_PARALLELISM)
@@ -50,54 +51,158 @@ pub async fn connect(path: &Path, n: usize) -> anyhow::Result<Vec<Client>> {
 pub struct Window {
     /// Latency of every call that completed inside the window.
     pub latencies: Vec<Duration>,
+    /// How many of those calls each client made.
+    pub per_client: Vec<usize>,
     /// Server CPU time spent inside the window.
     pub server_cpu: Duration,
 }
 
-/// Runs `call` back to back on every client for `window`, all clients at once. `server_cpu`
-/// reads the server's CPU time; it is read when the window opens and when it closes. Any
-/// failed call fails the run.
+/// Opens `n` clients to the socket at `path` and runs `call` back to back on every one of
+/// them for `window`, all at once. `server_cpu` reads the server's CPU time; it is read when
+/// the window opens and when it closes. Any failed call fails the run.
+///
+/// The clients run on one single-threaded runtime per CPU, not on this process's
+/// work-stealing runtime. That scheduler runs tasks woken together partly from a bounded
+/// local queue and partly from a global queue it visits only every few dozen polls, so with
+/// a thousand clients some were served many times before others once: the median then
+/// measured the client's scheduler and moved threefold between runs against the same
+/// server, while the mean held. A single-threaded runtime runs its tasks in the order they
+/// were woken, as the kernel runs a thousand separate agent processes.
 pub async fn run(
-    mut clients: Vec<Client>,
+    path: &Path,
+    n: usize,
     call: Call,
     window: Duration,
     server_cpu: impl Fn() -> anyhow::Result<Duration>,
 ) -> anyhow::Result<Window> {
-    // One call each first, so connection setup and first-call work stay out of the window.
-    futures::future::try_join_all(clients.iter_mut().map(|c| call.once(c))).await?;
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let threads = cpus.clamp(1, n.max(1));
+    let mut spawned = Vec::with_capacity(threads);
+    for i in 0..threads {
+        // Shares differ by at most one client.
+        let share = n / threads + usize::from(i < n % threads);
+        spawned.push(ClientThread::spawn(i, path, share, call)?);
+    }
+    let mut ready = true;
+    for t in &mut spawned {
+        ready &= (&mut t.ready).await.is_ok();
+    }
+    if !ready {
+        // A thread failed to connect or warm up. Dropping every start ends the others.
+        let handles: Vec<_> = spawned.into_iter().map(|t| t.handle).collect();
+        let mut first_error = None;
+        for h in handles {
+            if let Err(e) = join(h).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        return Err(first_error.unwrap_or_else(|| anyhow::anyhow!("a client thread ended early")));
+    }
     let cpu_start = server_cpu()?;
     let deadline = Instant::now() + window;
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .map(|mut c| {
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                loop {
-                    let start = Instant::now();
-                    if start >= deadline {
-                        break;
-                    }
-                    call.once(&mut c).await?;
-                    let end = Instant::now();
-                    if end > deadline {
-                        break;
-                    }
-                    latencies.push(end - start);
-                }
-                anyhow::Ok(latencies)
-            })
-        })
-        .collect();
+    let mut handles = Vec::with_capacity(threads);
+    for t in spawned {
+        // A thread that has already ended reports why when joined.
+        let _ = t.start.send(deadline);
+        handles.push(t.handle);
+    }
     tokio::time::sleep_until(deadline.into()).await;
     let server_cpu = server_cpu()?.saturating_sub(cpu_start);
-    let mut latencies = Vec::new();
-    for t in tasks {
-        latencies.extend(t.await??);
+    let (mut latencies, mut per_client) = (Vec::new(), Vec::with_capacity(n));
+    for h in handles {
+        for client in join(h).await? {
+            per_client.push(client.len());
+            latencies.extend(client);
+        }
     }
     Ok(Window {
         latencies,
+        per_client,
         server_cpu,
     })
+}
+
+/// The latencies of each client's calls, as a client thread ends.
+type PerClient = anyhow::Result<Vec<Vec<Duration>>>;
+
+/// One OS thread of benchmark clients with its own single-threaded runtime.
+struct ClientThread {
+    /// Fires once its clients are connected and have made one call each.
+    ready: oneshot::Receiver<()>,
+    /// The end of the window; sending it starts the clients.
+    start: oneshot::Sender<Instant>,
+    handle: std::thread::JoinHandle<PerClient>,
+}
+
+impl ClientThread {
+    fn spawn(index: usize, path: &Path, clients: usize, call: Call) -> anyhow::Result<Self> {
+        let (ready_tx, ready) = oneshot::channel();
+        let (start, start_rx) = oneshot::channel::<Instant>();
+        let path = path.to_owned();
+        let handle = std::thread::Builder::new()
+            .name(format!("bench-client-{index}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting a client runtime")?;
+                runtime.block_on(async move {
+                    let mut conns = connect(&path, clients).await?;
+                    // One call each first, so connection setup and first-call work stay out
+                    // of the window.
+                    futures::future::try_join_all(conns.iter_mut().map(|c| call.once(c))).await?;
+                    let _ = ready_tx.send(());
+                    let Ok(deadline) = start_rx.await else {
+                        return Ok(Vec::new());
+                    };
+                    let tasks: Vec<_> = conns
+                        .into_iter()
+                        .map(|c| tokio::spawn(calls_until(c, call, deadline)))
+                        .collect();
+                    let mut latencies = Vec::with_capacity(tasks.len());
+                    for t in tasks {
+                        latencies.push(t.await??);
+                    }
+                    Ok(latencies)
+                })
+            })
+            .context("starting a client thread")?;
+        Ok(Self {
+            ready,
+            start,
+            handle,
+        })
+    }
+}
+
+/// Makes `call` on `c` back to back until `deadline`; the latency of every call that ended
+/// before it.
+async fn calls_until(
+    mut c: Client,
+    call: Call,
+    deadline: Instant,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut latencies = Vec::new();
+    loop {
+        let start = Instant::now();
+        if start >= deadline {
+            break;
+        }
+        call.once(&mut c).await?;
+        let end = Instant::now();
+        if end > deadline {
+            break;
+        }
+        latencies.push(end - start);
+    }
+    Ok(latencies)
+}
+
+/// Waits for a client thread without blocking this runtime.
+async fn join(handle: std::thread::JoinHandle<PerClient>) -> PerClient {
+    tokio::task::spawn_blocking(move || handle.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("a benchmark client thread panicked"))?
 }
 
 /// An open FetchX509SVID stream whose first message has been read.

@@ -146,8 +146,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // First calls issue the SVID and JWT-SVID and hash this executable: the cache is warm after.
     for s in [&floor, &daemon] {
         for call in [Call::X509, Call::Jwt] {
-            let conns = load::connect(&s.socket, 1).await?;
-            load::run(conns, call, Duration::ZERO, || s.cpu_time()).await?;
+            load::run(&s.socket, 1, call, Duration::ZERO, || s.cpu_time()).await?;
         }
     }
 
@@ -227,18 +226,24 @@ async fn measure_level(
     call: Call,
     clients: usize,
 ) -> anyhow::Result<Level> {
-    let mut f = (Vec::new(), Duration::ZERO);
-    let mut d = (Vec::new(), Duration::ZERO);
+    let mut f = (Vec::new(), Vec::new(), Duration::ZERO);
+    let mut d = (Vec::new(), Vec::new(), Duration::ZERO);
     for _ in 0..plan.rounds {
-        for (server, (samples, cpu)) in [(floor, &mut f), (daemon, &mut d)] {
-            let conns = load::connect(&server.socket, clients).await?;
-            let w = load::run(conns, call, plan.window, || server.cpu_time()).await?;
+        for (server, (samples, per_client, cpu)) in [(floor, &mut f), (daemon, &mut d)] {
+            let w = load::run(&server.socket, clients, call, plan.window, || {
+                server.cpu_time()
+            })
+            .await?;
             samples.extend(w.latencies);
+            per_client.extend(w.per_client);
             *cpu += w.server_cpu;
         }
     }
     let total = plan.window * plan.rounds as u32;
-    let (floor, daemon) = (Summary::of(f.0, total, f.1), Summary::of(d.0, total, d.1));
+    let (floor, daemon) = (
+        Summary::of(f.0, total, f.2).with_clients(&f.1),
+        Summary::of(d.0, total, d.2).with_clients(&d.1),
+    );
     Ok(Level {
         clients,
         ratio: Ratios {

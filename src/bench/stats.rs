@@ -20,6 +20,10 @@ pub struct Summary {
     pub per_sec: f64,
     /// Server CPU time per completed call, in microseconds (all server threads).
     pub server_cpu_us: f64,
+    /// Fewest and most calls one client completed in one window: how evenly the clients
+    /// were served. Absent where one client was measured alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_calls: Option<[usize; 2]>,
 }
 
 impl Summary {
@@ -35,6 +39,16 @@ impl Summary {
             mean_ms: ms(samples.iter().sum::<Duration>() / samples.len().max(1) as u32),
             per_sec: samples.len() as f64 / window.as_secs_f64().max(1e-9),
             server_cpu_us: server_cpu.as_secs_f64() * 1e6 / samples.len().max(1) as f64,
+            client_calls: None,
+        }
+    }
+
+    /// Adds the spread of `per_client`, each client's count of calls in each window.
+    pub fn with_clients(self, per_client: &[usize]) -> Self {
+        let (min, max) = (per_client.iter().min(), per_client.iter().max());
+        Self {
+            client_calls: min.zip(max).map(|(a, b)| [*a, *b]),
+            ..self
         }
     }
 }
@@ -60,10 +74,13 @@ mod tests {
         assert_eq!(percentile(&v[..1], 0.99), Duration::from_millis(1));
         assert_eq!(percentile(&[], 0.5), Duration::ZERO);
         let s = Summary::of(v, Duration::from_secs(2), Duration::from_millis(10));
+        assert_eq!(s.client_calls, None);
+        let s = s.with_clients(&[30, 70, 40]);
         assert_eq!(s.calls, 100);
         assert_eq!(s.per_sec, 50.0);
         assert_eq!(s.p99_ms, 99.0);
         assert_eq!(s.mean_ms, 50.5);
         assert_eq!(s.server_cpu_us, 100.0);
+        assert_eq!(s.client_calls, Some([30, 70]));
     }
 }
