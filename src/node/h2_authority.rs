@@ -100,8 +100,14 @@ enum Phase {
 struct Block {
     stream: [u8; 4],
     flags: u8,
-    priority: Vec<u8>,
+    priority: Option<[u8; 5]>,
     fragment: Vec<u8>,
+}
+
+impl Block {
+    fn priority(&self) -> &[u8] {
+        self.priority.as_ref().map_or(&[], |p| &p[..])
+    }
 }
 
 /// An I/O adapter that rewrites invalid `:authority` pseudo-headers in the
@@ -123,6 +129,12 @@ pub struct AuthorityRewrite<S> {
     max_frame_size: usize,
     /// A block was rewritten: from then on every block is re-encoded.
     rewriting: bool,
+    /// The last `:authority` found valid: a client sends the same one on every request, so
+    /// it is parsed once per connection, not once per request.
+    valid_authority: Vec<u8>,
+    /// Buffers kept between blocks (see [`release`]): a block's fragment, the block with
+    /// Huffman strings decoded, and the block re-encoded.
+    spare: [Vec<u8>; 3],
     eof: bool,
     failed: bool,
 }
@@ -151,6 +163,8 @@ impl<S> AuthorityRewrite<S> {
             decoder,
             max_frame_size: max_frame_size.clamp(DEFAULT_MAX_FRAME_SIZE, (1 << 24) - 1),
             rewriting: false,
+            valid_authority: Vec::new(),
+            spare: Default::default(),
             eof: false,
             failed: false,
         }
@@ -222,7 +236,10 @@ impl<S> AuthorityRewrite<S> {
                         return Ok(());
                     };
                     match (ty, self.block.as_mut()) {
-                        (HEADERS, None) => self.block = Some(start_block(flags, stream, payload)?),
+                        (HEADERS, None) => {
+                            let fragment = std::mem::take(&mut self.spare[0]);
+                            self.block = Some(start_block(flags, stream, payload, fragment)?);
+                        }
                         (CONTINUATION, Some(b)) if b.stream == stream => {
                             if b.fragment.len() + len > MAX_HEADER_BLOCK {
                                 return Err(invalid("header block too large"));
@@ -255,14 +272,15 @@ impl<S> AuthorityRewrite<S> {
         // `huffman.rs`); the decoder then reads the same block with raw
         // literals. A block that does not parse goes to the decoder as it
         // came, to be refused there.
-        let mut plain = Vec::new();
+        let [_, mut plain, mut encoded] = std::mem::take(&mut self.spare);
         let input = match unhuffman(&block.fragment, &mut plain) {
             Some(()) => &plain[..],
             None => &block.fragment[..],
         };
         // Table references expand: room for a typical request's fields at once.
-        let mut encoded = Vec::with_capacity(input.len() + 512);
+        encoded.reserve(input.len() + 512);
         let mut size = 0usize;
+        let valid = &mut self.valid_authority;
         let mut fixed = false;
         // Decoded size is capped separately: one-byte references to a large
         // dynamic-table entry would otherwise expand 64 KiB into gigabytes.
@@ -272,13 +290,15 @@ impl<S> AuthorityRewrite<S> {
                 if size > MAX_HEADER_BLOCK {
                     return;
                 }
-                let value = if &name[..] == b":authority"
-                    && !std::str::from_utf8(&value).is_ok_and(is_valid_authority)
-                {
+                let value = if &name[..] != b":authority" || value[..] == valid[..] {
+                    &value[..]
+                } else if std::str::from_utf8(&value).is_ok_and(is_valid_authority) {
+                    valid.clear();
+                    valid.extend_from_slice(&value);
+                    &value[..]
+                } else {
                     fixed = true;
                     REPLACEMENT_AUTHORITY.as_bytes()
-                } else {
-                    &value[..]
                 };
                 // Literal without indexing, new name (RFC 7541 §6.2.2): never
                 // touches the server's dynamic table.
@@ -293,23 +313,23 @@ impl<S> AuthorityRewrite<S> {
         self.rewriting |= fixed;
         // Unchanged, and `h2`'s table still follows the client's: the block as
         // it came (cheaper for `h2` to decode than the literals).
-        let encoded = if self.rewriting {
-            encoded
+        let payload = if self.rewriting {
+            &encoded[..]
         } else {
-            block.fragment
+            &block.fragment[..]
         };
 
         // The first frame keeps the HEADERS flags (END_STREAM, PRIORITY) but
         // loses its padding; END_HEADERS goes on the last frame only.
-        let first = encoded
+        let first = payload
             .len()
-            .min(self.max_frame_size - block.priority.len());
-        let (mut chunk, mut rest) = encoded.split_at(first);
+            .min(self.max_frame_size - block.priority().len());
+        let (mut chunk, mut rest) = payload.split_at(first);
         let mut ty = HEADERS;
         let mut flags = block.flags & !(PADDED | END_HEADERS);
         loop {
             let end = if rest.is_empty() { END_HEADERS } else { 0 };
-            let prio: &[u8] = if ty == HEADERS { &block.priority } else { &[] };
+            let prio: &[u8] = if ty == HEADERS { block.priority() } else { &[] };
             let len = prio.len() + chunk.len();
             self.out.extend_from_slice(&[
                 (len >> 16) as u8,
@@ -322,11 +342,17 @@ impl<S> AuthorityRewrite<S> {
             self.out.extend_from_slice(prio);
             self.out.extend_from_slice(chunk);
             if rest.is_empty() {
-                return Ok(());
+                break;
             }
             (chunk, rest) = rest.split_at(rest.len().min(self.max_frame_size));
             (ty, flags) = (CONTINUATION, 0);
         }
+        let mut fragment = block.fragment;
+        for v in [&mut fragment, &mut plain, &mut encoded] {
+            release(v);
+        }
+        self.spare = [fragment, plain, encoded];
+        Ok(())
     }
 }
 
@@ -444,7 +470,13 @@ fn release(v: &mut Vec<u8>) {
 }
 
 /// Parses the payload of a HEADERS frame: strips padding, keeps priority.
-fn start_block(flags: u8, stream: [u8; 4], payload: &[u8]) -> io::Result<Block> {
+/// `fragment` is a spare buffer to hold the block.
+fn start_block(
+    flags: u8,
+    stream: [u8; 4],
+    payload: &[u8],
+    mut fragment: Vec<u8>,
+) -> io::Result<Block> {
     let mut rest = payload;
     let mut pad = 0;
     if flags & PADDED != 0 {
@@ -454,24 +486,24 @@ fn start_block(flags: u8, stream: [u8; 4], payload: &[u8]) -> io::Result<Block> 
         pad = usize::from(n);
         rest = tail;
     }
-    let mut priority = Vec::new();
+    let mut priority = None;
     if flags & PRIORITY != 0 {
-        if rest.len() < 5 {
-            return Err(invalid("short priority"));
-        }
-        let (p, tail) = rest.split_at(5);
-        priority.extend_from_slice(p);
+        let (p, tail) = rest
+            .split_first_chunk::<5>()
+            .ok_or_else(|| invalid("short priority"))?;
+        priority = Some(*p);
         rest = tail;
     }
     let fragment_len = rest
         .len()
         .checked_sub(pad)
         .ok_or_else(|| invalid("padding exceeds payload"))?;
+    fragment.extend_from_slice(&rest[..fragment_len]);
     Ok(Block {
         stream,
         flags,
         priority,
-        fragment: rest[..fragment_len].to_vec(),
+        fragment,
     })
 }
 

@@ -143,7 +143,11 @@ impl SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{SCHEME}{}{}", self.td.0, self.path)
+        // Plain writes: every Workload API answer formats the ID, and `write!` would go
+        // through `fmt::Arguments` for it.
+        f.write_str(SCHEME)?;
+        f.write_str(&self.td.0)?;
+        f.write_str(&self.path)
     }
 }
 
