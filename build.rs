@@ -18,6 +18,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Shared buffers for what every FetchX509SVID answer repeats: the cached SVID's
+        // chain and key and the bundle are handed out by reference count, not copied.
+        .bytes(".X509SVID.x509_svid")
+        .bytes(".X509SVID.x509_svid_key")
+        .bytes(".X509SVID.bundle")
         .file_descriptor_set_path(out.join("descriptor.bin"))
         .skip_protoc_run()
         .compile_fds(files)?;

@@ -250,7 +250,7 @@ async fn leaf_svid_fields_x5_01_to_x5_15() {
         .expect("rust client accepts the SVID");
     assert_eq!(svid.spiffe_id().to_string(), id);
     assert_eq!(svid.leaf().as_bytes(), chain[0].as_slice());
-    assert_eq!(svid.private_key().as_bytes(), s.x509_svid_key.as_slice());
+    assert_eq!(svid.private_key().as_bytes(), &s.x509_svid_key[..]);
 
     // X5-03: a policy whose ID is the trust domain's root ID is refused: no leaf may carry it.
     let root_dir = tmp.path().join("root-id");

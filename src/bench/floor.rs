@@ -46,9 +46,9 @@ impl Floor {
         let x509 = pb::X509svidResponse {
             svids: vec![pb::X509svid {
                 spiffe_id: id.to_string(),
-                x509_svid: leaf,
-                x509_svid_key: key.pkcs8_der(),
-                bundle: ca.cert_der().to_vec(),
+                x509_svid: leaf.into(),
+                x509_svid_key: key.pkcs8_der().into(),
+                bundle: ca.cert_der().to_vec().into(),
                 hint: hint.into(),
             }],
             crl: Vec::new(),

@@ -9,6 +9,7 @@
 //!
 //! Timers use tokio's clock, so the rotation logic is tested under paused time.
 
+use prost::bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
@@ -37,10 +38,10 @@ pub struct SvidKey {
 /// An X509-SVID with its private key, as handed to workloads.
 pub struct X509Svid {
     pub spiffe_id: SpiffeId,
-    /// DER certificates, leaf first.
-    pub chain: Vec<Vec<u8>>,
+    /// DER certificates, leaf first, concatenated as the Workload API sends them.
+    pub chain_der: Bytes,
     /// Unencrypted PKCS#8 DER.
-    pub key_pkcs8: Vec<u8>,
+    pub key_pkcs8: Bytes,
     pub not_after: SystemTime,
     pub serial: String,
 }
@@ -354,10 +355,10 @@ impl Inner {
         }
         let svid = Arc::new(X509Svid {
             spiffe_id: key.spiffe_id.clone(),
-            key_pkcs8: private.into_pkcs8_der(),
+            key_pkcs8: private.into_pkcs8_der().into(),
             not_after: info.not_after,
             serial: info.serial_hex.clone(),
-            chain,
+            chain_der: chain.concat().into(),
         });
         self.metrics
             .issuances

@@ -4,6 +4,7 @@
 //! security header. Streams carry the complete current state in every message and are
 //! re-evaluated whenever an SVID rotates, a bundle changes or the policies change.
 
+use prost::bytes::Bytes;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -556,9 +557,9 @@ impl WorkloadApi {
                     key,
                     pb::X509svid {
                         spiffe_id: svid.spiffe_id.to_string(),
-                        x509_svid: svid.chain.concat(),
+                        x509_svid: svid.chain_der.clone(),
                         x509_svid_key: svid.key_pkcs8.clone(),
-                        bundle: Vec::new(),
+                        bundle: Bytes::new(),
                         hint: e.hint.clone(),
                     },
                 )),
@@ -579,7 +580,7 @@ impl WorkloadApi {
         // signed, so this bundle holds the CA of every SVID above (after an emergency rotation
         // too, when the CA is published the moment it starts signing).
         let bundles = self.bundles.borrow().clone();
-        let own = bundles.own.x509_der();
+        let own = Bytes::from(bundles.own.x509_der());
         for (_, s) in &mut svids {
             s.bundle = own.clone();
         }
