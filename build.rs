@@ -19,7 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         // Shared buffers for what every FetchX509SVID answer repeats: the cached SVID's
-        // chain and key and the bundle are handed out by reference count, not copied.
+        // chain and key are handed out by reference count, not copied, and so is the
+        // bundle among the SVIDs of one answer and the copy a stream keeps.
         .bytes(".X509SVID.x509_svid")
         .bytes(".X509SVID.x509_svid_key")
         .bytes(".X509SVID.bundle")

@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 use x509_parser::der_parser::parse_der;
 
 use super::floor::AUDIENCE;
+use super::stats::Summary;
 use crate::api::workload as pb;
 use crate::client::{self, Client};
 use crate::crypto::x509::{CertInfo, split_der_chain};
@@ -47,7 +48,8 @@ async fn connect(path: &Path, n: usize) -> anyhow::Result<Vec<Client>> {
         .with_context(|| format!("connecting {n} clients to {}", path.display()))
 }
 
-/// What one measuring window produced.
+/// What one measuring window produced, or several pooled (see [`Window::pool`]).
+#[derive(Default)]
 pub struct Window {
     /// Latency of every call that completed inside the window.
     pub latencies: Vec<Duration>,
@@ -55,6 +57,20 @@ pub struct Window {
     pub per_client: Vec<usize>,
     /// Server CPU time spent inside the window.
     pub server_cpu: Duration,
+}
+
+impl Window {
+    /// Adds the figures of `other`, a later window against the same server.
+    pub fn pool(&mut self, other: Window) {
+        self.latencies.extend(other.latencies);
+        self.per_client.extend(other.per_client);
+        self.server_cpu += other.server_cpu;
+    }
+
+    /// The figures of the pooled windows, `total` long together.
+    pub fn summary(self, total: Duration) -> Summary {
+        Summary::of(self.latencies, total, self.server_cpu).with_clients(&self.per_client)
+    }
 }
 
 /// Opens `n` clients to the socket at `path` and runs `call` back to back on every one of

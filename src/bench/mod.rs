@@ -226,24 +226,18 @@ async fn measure_level(
     call: Call,
     clients: usize,
 ) -> anyhow::Result<Level> {
-    let mut f = (Vec::new(), Vec::new(), Duration::ZERO);
-    let mut d = (Vec::new(), Vec::new(), Duration::ZERO);
+    let (mut f, mut d) = (load::Window::default(), load::Window::default());
     for _ in 0..plan.rounds {
-        for (server, (samples, per_client, cpu)) in [(floor, &mut f), (daemon, &mut d)] {
+        for (server, pooled) in [(floor, &mut f), (daemon, &mut d)] {
             let w = load::run(&server.socket, clients, call, plan.window, || {
                 server.cpu_time()
             })
             .await?;
-            samples.extend(w.latencies);
-            per_client.extend(w.per_client);
-            *cpu += w.server_cpu;
+            pooled.pool(w);
         }
     }
     let total = plan.window * plan.rounds as u32;
-    let (floor, daemon) = (
-        Summary::of(f.0, total, f.2).with_clients(&f.1),
-        Summary::of(d.0, total, d.2).with_clients(&d.1),
-    );
+    let (floor, daemon) = (f.summary(total), d.summary(total));
     Ok(Level {
         clients,
         ratio: Ratios {

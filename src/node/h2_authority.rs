@@ -132,9 +132,11 @@ pub struct AuthorityRewrite<S> {
     /// The last `:authority` found valid: a client sends the same one on every request, so
     /// it is parsed once per connection, not once per request.
     valid_authority: Vec<u8>,
-    /// Buffers kept between blocks (see [`release`]): a block's fragment, the block with
-    /// Huffman strings decoded, and the block re-encoded.
-    spare: [Vec<u8>; 3],
+    /// Buffers kept between blocks (see [`release`]): for a block's fragment, for the block
+    /// with Huffman strings decoded, and for the block re-encoded.
+    spare_fragment: Vec<u8>,
+    spare_plain: Vec<u8>,
+    spare_encoded: Vec<u8>,
     eof: bool,
     failed: bool,
 }
@@ -164,7 +166,9 @@ impl<S> AuthorityRewrite<S> {
             max_frame_size: max_frame_size.clamp(DEFAULT_MAX_FRAME_SIZE, (1 << 24) - 1),
             rewriting: false,
             valid_authority: Vec::new(),
-            spare: Default::default(),
+            spare_fragment: Vec::new(),
+            spare_plain: Vec::new(),
+            spare_encoded: Vec::new(),
             eof: false,
             failed: false,
         }
@@ -237,7 +241,7 @@ impl<S> AuthorityRewrite<S> {
                     };
                     match (ty, self.block.as_mut()) {
                         (HEADERS, None) => {
-                            let fragment = std::mem::take(&mut self.spare[0]);
+                            let fragment = std::mem::take(&mut self.spare_fragment);
                             self.block = Some(start_block(flags, stream, payload, fragment)?);
                         }
                         (CONTINUATION, Some(b)) if b.stream == stream => {
@@ -272,7 +276,8 @@ impl<S> AuthorityRewrite<S> {
         // `huffman.rs`); the decoder then reads the same block with raw
         // literals. A block that does not parse goes to the decoder as it
         // came, to be refused there.
-        let [_, mut plain, mut encoded] = std::mem::take(&mut self.spare);
+        let mut plain = std::mem::take(&mut self.spare_plain);
+        let mut encoded = std::mem::take(&mut self.spare_encoded);
         let input = match unhuffman(&block.fragment, &mut plain) {
             Some(()) => &plain[..],
             None => &block.fragment[..],
@@ -351,7 +356,7 @@ impl<S> AuthorityRewrite<S> {
         for v in [&mut fragment, &mut plain, &mut encoded] {
             release(v);
         }
-        self.spare = [fragment, plain, encoded];
+        (self.spare_fragment, self.spare_plain, self.spare_encoded) = (fragment, plain, encoded);
         Ok(())
     }
 }
