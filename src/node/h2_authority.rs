@@ -19,7 +19,11 @@
 //! dynamic table, as without the adapter. From the first block that needs a
 //! fix on, every block is re-encoded as literals that never touch the dynamic
 //! table: the server's table stays as it was, unused, and consistent with our
-//! output by construction, whatever the client's encoder does next.
+//! output by construction, whatever the client's encoder does next. A block
+//! that repeats the one before byte for byte, where that one left the table as
+//! it was, means the same fields again: it is sent as the last one was, not
+//! decoded (once its fields are in the table, a client's next call on the
+//! connection is usually such a block).
 //!
 //! HPACK crate: `loona-hpack` 0.4. Of the candidates it is the only one whose
 //! decoder returns errors on every malformed input we read: `hpack` 0.3 and
@@ -110,6 +114,12 @@ impl Block {
     }
 }
 
+/// A block that did not change the dynamic table, and the payload sent for it.
+struct Repeat {
+    block: Vec<u8>,
+    payload: Vec<u8>,
+}
+
 /// An I/O adapter that rewrites invalid `:authority` pseudo-headers in the
 /// client-to-server direction of an HTTP/2 connection (see the module docs).
 /// Writes pass through untouched.
@@ -129,10 +139,14 @@ pub struct AuthorityRewrite<S> {
     max_frame_size: usize,
     /// A block was rewritten: from then on every block is re-encoded.
     rewriting: bool,
+    /// The last block, if it left the dynamic table as it was, and what was sent for it.
+    /// Clients repeat a request's block byte for byte once its fields are in the table; the
+    /// same bytes against the same table are the same fields, so the decision is reused.
+    repeat: Option<Repeat>,
     /// The last `:authority` found valid: a client sends the same one on every request, so
     /// it is parsed once per connection, not once per request.
     valid_authority: Vec<u8>,
-    /// Buffers kept between blocks (see [`release`]): for a block's fragment, for the block
+    /// Buffers kept between blocks (see [`recycle`]): for a block's fragment, for the block
     /// with Huffman strings decoded, and for the block re-encoded.
     spare_fragment: Vec<u8>,
     spare_plain: Vec<u8>,
@@ -165,6 +179,7 @@ impl<S> AuthorityRewrite<S> {
             decoder,
             max_frame_size: max_frame_size.clamp(DEFAULT_MAX_FRAME_SIZE, (1 << 24) - 1),
             rewriting: false,
+            repeat: None,
             valid_authority: Vec::new(),
             spare_fragment: Vec::new(),
             spare_plain: Vec::new(),
@@ -272,15 +287,21 @@ impl<S> AuthorityRewrite<S> {
     /// block, as it came or re-encoded, to `out` as HEADERS + CONTINUATION
     /// frames.
     fn emit_block(&mut self, block: Block) -> io::Result<()> {
+        if let Some(r) = self.repeat.take_if(|r| r.block == block.fragment) {
+            self.write_frames(&block, &r.payload);
+            self.repeat = Some(r);
+            self.spare_fragment = recycle(block.fragment);
+            return Ok(());
+        }
         // Huffman strings are decoded here rather than by `loona-hpack` (see
         // `huffman.rs`); the decoder then reads the same block with raw
         // literals. A block that does not parse goes to the decoder as it
         // came, to be refused there.
         let mut plain = std::mem::take(&mut self.spare_plain);
         let mut encoded = std::mem::take(&mut self.spare_encoded);
-        let input = match unhuffman(&block.fragment, &mut plain) {
-            Some(()) => &plain[..],
-            None => &block.fragment[..],
+        let (input, changes_table) = match unhuffman(&block.fragment, &mut plain) {
+            Some(changes_table) => (&plain[..], changes_table),
+            None => (&block.fragment[..], true),
         };
         // Table references expand: room for a typical request's fields at once.
         encoded.reserve(input.len() + 512);
@@ -323,7 +344,32 @@ impl<S> AuthorityRewrite<S> {
         } else {
             &block.fragment[..]
         };
+        self.write_frames(&block, payload);
+        // Decoding a block again that added to the table would add again: not repeatable.
+        // The payload was chosen after `rewriting` was settled, so it stays right for repeats.
+        let repeatable = !changes_table && block.fragment.len().max(payload.len()) <= IDLE_BUFFER;
+        match (repeatable, &mut self.repeat) {
+            (false, r) => *r = None,
+            (true, Some(r)) => {
+                r.block.clone_from(&block.fragment);
+                r.payload.clear();
+                r.payload.extend_from_slice(payload);
+            }
+            (true, r @ None) => {
+                *r = Some(Repeat {
+                    block: block.fragment.clone(),
+                    payload: payload.to_vec(),
+                })
+            }
+        }
+        self.spare_fragment = recycle(block.fragment);
+        self.spare_plain = recycle(plain);
+        self.spare_encoded = recycle(encoded);
+        Ok(())
+    }
 
+    /// Writes `payload`, the block's fields, to `out` as HEADERS + CONTINUATION frames.
+    fn write_frames(&mut self, block: &Block, payload: &[u8]) {
         // The first frame keeps the HEADERS flags (END_STREAM, PRIORITY) but
         // loses its padding; END_HEADERS goes on the last frame only.
         let first = payload
@@ -352,12 +398,6 @@ impl<S> AuthorityRewrite<S> {
             (chunk, rest) = rest.split_at(rest.len().min(self.max_frame_size));
             (ty, flags) = (CONTINUATION, 0);
         }
-        let mut fragment = block.fragment;
-        for v in [&mut fragment, &mut plain, &mut encoded] {
-            release(v);
-        }
-        (self.spare_fragment, self.spare_plain, self.spare_encoded) = (fragment, plain, encoded);
-        Ok(())
     }
 }
 
@@ -404,26 +444,29 @@ fn get_integer(block: &[u8], at: usize, prefix: u32) -> Option<(usize, usize)> {
 /// Copies `block` to `out` with every Huffman-coded string literal replaced by
 /// its raw octets. Indices, representation bits and table size updates are
 /// copied as they are, so the result means exactly what `block` means to an
-/// HPACK decoder, dynamic table included. `None` if `block` does not parse.
-fn unhuffman(block: &[u8], out: &mut Vec<u8>) -> Option<()> {
+/// HPACK decoder, dynamic table included. `None` if `block` does not parse;
+/// else whether the block changes the dynamic table (adds to it or resizes it).
+fn unhuffman(block: &[u8], out: &mut Vec<u8>) -> Option<bool> {
     out.reserve(block.len() + block.len() / 2);
-    let mut at = 0;
+    let (mut at, mut changes_table) = (0, false);
     while let Some(&first) = block.get(at) {
         at = if first & 0x80 != 0 {
             // Indexed field.
             copy_integer(block, at, 7, out)?
         } else if first & 0x40 != 0 {
             // Literal with incremental indexing.
+            changes_table = true;
             copy_literal(block, at, 6, out)?
         } else if first & 0x20 != 0 {
             // Dynamic table size update.
+            changes_table = true;
             copy_integer(block, at, 5, out)?
         } else {
             // Literal without indexing, or never indexed.
             copy_literal(block, at, 4, out)?
         };
     }
-    Some(())
+    Some(changes_table)
 }
 
 fn copy_integer(block: &[u8], at: usize, prefix: u32, out: &mut Vec<u8>) -> Option<usize> {
@@ -472,6 +515,12 @@ fn release(v: &mut Vec<u8>) {
     } else {
         v.clear();
     }
+}
+
+/// [`release`]d, to be kept as a spare.
+fn recycle(mut v: Vec<u8>) -> Vec<u8> {
+    release(&mut v);
+    v
 }
 
 /// Parses the payload of a HEADERS frame: strips padding, keeps priority.
@@ -1086,6 +1135,62 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn repeated_blocks_go_out_as_decided_unless_they_change_the_table() {
+        let mut enc = IndexingEncoder::default();
+        let valid = grpc_request("a.example");
+        let first = enc.encode(&valid);
+        let repeat = enc.encode(&valid);
+        // A bad `:authority` in a literal that leaves the table alone: the fixing starts here.
+        let mut fix = vec![0x01, SOCK.len() as u8];
+        fix.extend_from_slice(SOCK.as_bytes());
+        // The same literal with incremental indexing, twice: each adds an entry, so the
+        // second must be decoded too, or the next reference (to the older copy) goes astray.
+        let mut insert = vec![0x41, 9];
+        insert.extend_from_slice(b"c.example");
+        let sent = [
+            first,
+            repeat.clone(),
+            repeat.clone(),
+            fix,
+            repeat.clone(),
+            repeat,
+            insert.clone(),
+            insert,
+            vec![0x80 | 63],
+        ];
+        // What the client meant, read with its own table, with the fix applied.
+        let mut client = loona_hpack::Decoder::new();
+        let expected: Vec<Fields> = sent
+            .iter()
+            .map(|b| {
+                let list = client.decode(b).unwrap();
+                list.into_iter()
+                    .map(|(n, v)| match s(&v) {
+                        v if n == b":authority" && v == SOCK => (s(&n), "localhost".into()),
+                        v => (s(&n), v),
+                    })
+                    .collect()
+            })
+            .collect();
+        assert_eq!(expected[8], fields(&[(":authority", "c.example")]));
+        let frames: Vec<_> = (1..)
+            .step_by(2)
+            .zip(&sent)
+            .map(|(id, b)| frame(HEADERS, END_HEADERS, id, b))
+            .collect();
+        let out = parse(&rewrite(&conn(&frames)).await.unwrap());
+        assert_eq!(blocks(&out, DEFAULT_MAX_FRAME_SIZE), expected);
+        // Until the fix, repeats go out as they came; from it on, as literals only.
+        for i in 0..3 {
+            assert_eq!(out[1 + i].payload, sent[i]);
+        }
+        assert_eq!(
+            literal_blocks(&out[4..], DEFAULT_MAX_FRAME_SIZE),
+            expected[3..]
+        );
+    }
+
     fn hex(s: &str) -> Vec<u8> {
         (0..s.len())
             .step_by(2)
@@ -1306,7 +1411,7 @@ mod tests {
             let theirs = loona_hpack::Decoder::new().decode(&block).ok();
             let mut plain = Vec::new();
             let ours = unhuffman(&block, &mut plain)
-                .and_then(|()| loona_hpack::Decoder::new().decode(&plain).ok());
+                .and_then(|_| loona_hpack::Decoder::new().decode(&plain).ok());
             assert_eq!(ours, theirs, "block {block:02x?}");
         }
     }
