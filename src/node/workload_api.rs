@@ -50,9 +50,22 @@ pub fn check_security_header(req: Request<()>) -> Result<Request<()>, Status> {
     }
 }
 
-/// Shared state of the service.
+/// The service: a handle to its state, cloned for every open stream (one reference count,
+/// where a copy of the state would take one per part, on every call).
 #[derive(Clone)]
-pub struct WorkloadApi {
+pub struct WorkloadApi(Arc<WorkloadApiState>);
+
+impl std::ops::Deref for WorkloadApi {
+    type Target = WorkloadApiState;
+
+    fn deref(&self) -> &WorkloadApiState {
+        &self.0
+    }
+}
+
+/// State of the service, shared by all its calls.
+#[derive(Clone)]
+pub struct WorkloadApiState {
     td: TrustDomain,
     attestor: Arc<dyn WorkloadAttestor>,
     policies: watch::Receiver<Arc<PolicySet>>,
@@ -219,7 +232,7 @@ impl WorkloadApi {
         audit: AuditLog,
         metrics: NodeMetrics,
     ) -> Self {
-        Self {
+        Self(Arc::new(WorkloadApiState {
             td,
             attestor,
             policies,
@@ -232,15 +245,17 @@ impl WorkloadApi {
             entitlements: Arc::new(EntitlementCache::new(ENTITLEMENT_CACHE_MAX)),
             changes: Arc::default(),
             shutdown: CancellationToken::new(),
-        }
+        }))
     }
 
     /// Uses `composer` and `drift` (shared with the periodic re-hash) instead of private ones.
-    pub fn with_composite(mut self, composer: Arc<Composer>, drift: DriftWatch) -> Self {
-        self.composer = composer;
-        self.drift = drift;
-        self.changes = Arc::default();
-        self
+    pub fn with_composite(self, composer: Arc<Composer>, drift: DriftWatch) -> Self {
+        Self(Arc::new(WorkloadApiState {
+            composer,
+            drift,
+            changes: Arc::default(),
+            ..Arc::unwrap_or_clone(self.0)
+        }))
     }
 
     /// A channel that changes whenever anything a FetchX509SVID message is built from may
