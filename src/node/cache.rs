@@ -103,11 +103,16 @@ const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const JWT_CACHE_MAX: usize = 10_000;
 
+/// Looked up several times on every call. foldhash hashes the keys (SPIFFE IDs, audiences)
+/// several times faster than SipHash. Its seed is random per map, so a caller choosing
+/// audiences cannot aim for collisions, and the maps are bounded (JWTs at [`JWT_CACHE_MAX`]).
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 struct Inner {
     issuer: Arc<dyn SvidIssuer>,
-    slots: Mutex<HashMap<SvidKey, Slot>>,
+    slots: Mutex<Map<SvidKey, Slot>>,
     issuing: tokio::sync::Mutex<()>,
-    jwts: Mutex<HashMap<JwtKey, JwtEntry>>,
+    jwts: Mutex<Map<JwtKey, JwtEntry>>,
     generation: watch::Sender<u64>,
     wake: Arc<Notify>,
     audit: AuditLog,

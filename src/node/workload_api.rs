@@ -571,7 +571,7 @@ impl WorkloadApi {
                 Ok(svid) => svids.push((
                     key,
                     pb::X509svid {
-                        spiffe_id: svid.spiffe_id.to_string(),
+                        spiffe_id: String::from(&svid.spiffe_id),
                         x509_svid: svid.chain_der.clone(),
                         x509_svid_key: svid.key_pkcs8.clone(),
                         bundle: Bytes::new(),
@@ -894,7 +894,7 @@ impl WorkloadApi {
                 .await
                 .map_err(|err| Status::unavailable(format!("JWT-SVID issuance failed: {err}")))?;
             svids.push(pb::Jwtsvid {
-                spiffe_id: e.spiffe_id.to_string(),
+                spiffe_id: String::from(&e.spiffe_id),
                 svid: token,
                 hint: e.hint.clone(),
             });

@@ -32,7 +32,9 @@ pub struct EntitlementCache {
 struct State {
     /// Held, not just compared by address: an address is unique only while the set is alive.
     policies: Option<(Arc<PolicySet>, TrustDomain)>,
-    entries: HashMap<WorkloadFacts, Arc<Evaluation>>,
+    /// Looked up on every call. foldhash, seeded per map, hashes the facts several times
+    /// faster than SipHash; the map holds at most `max` entries whatever callers present.
+    entries: HashMap<WorkloadFacts, Arc<Evaluation>, foldhash::fast::RandomState>,
 }
 
 impl EntitlementCache {

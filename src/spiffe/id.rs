@@ -151,6 +151,18 @@ impl fmt::Display for SpiffeId {
     }
 }
 
+/// The ID as a URI, in one allocation of the right size (`to_string` grows its buffer once
+/// per part). Every Workload API answer carries the ID as a string.
+impl From<&SpiffeId> for String {
+    fn from(id: &SpiffeId) -> String {
+        let mut s = String::with_capacity(SCHEME.len() + id.td.0.len() + id.path.len());
+        s.push_str(SCHEME);
+        s.push_str(&id.td.0);
+        s.push_str(&id.path);
+        s
+    }
+}
+
 impl FromStr for SpiffeId {
     type Err = IdError;
 
@@ -262,6 +274,7 @@ mod tests {
         ] {
             let id = parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
             assert_eq!(id.to_string(), s);
+            assert_eq!(String::from(&id), s);
         }
         assert!(parse("spiffe://td").unwrap().is_root());
         assert_eq!(parse("spiffe://td/a/b").unwrap().path(), "/a/b");
