@@ -115,6 +115,7 @@ impl Block {
 }
 
 /// A block that did not change the dynamic table, and the payload sent for it.
+#[derive(Default)]
 struct Repeat {
     block: Vec<u8>,
     payload: Vec<u8>,
@@ -348,19 +349,13 @@ impl<S> AuthorityRewrite<S> {
         // Decoding a block again that added to the table would add again: not repeatable.
         // The payload was chosen after `rewriting` was settled, so it stays right for repeats.
         let repeatable = !changes_table && block.fragment.len().max(payload.len()) <= IDLE_BUFFER;
-        match (repeatable, &mut self.repeat) {
-            (false, r) => *r = None,
-            (true, Some(r)) => {
-                r.block.clone_from(&block.fragment);
-                r.payload.clear();
-                r.payload.extend_from_slice(payload);
-            }
-            (true, r @ None) => {
-                *r = Some(Repeat {
-                    block: block.fragment.clone(),
-                    payload: payload.to_vec(),
-                })
-            }
+        // The previous memo's buffers are reused for this one.
+        let mut r = self.repeat.take().unwrap_or_default();
+        if repeatable {
+            r.block.clone_from(&block.fragment);
+            r.payload.clear();
+            r.payload.extend_from_slice(payload);
+            self.repeat = Some(r);
         }
         self.spare_fragment = recycle(block.fragment);
         self.spare_plain = recycle(plain);

@@ -141,13 +141,19 @@ impl SpiffeId {
     }
 }
 
+impl SpiffeId {
+    /// The URI in its parts, in order: what both string forms below are made of.
+    fn uri_parts(&self) -> [&str; 3] {
+        [SCHEME, &self.td.0, &self.path]
+    }
+}
+
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Plain writes: every Workload API answer formats the ID, and `write!` would go
-        // through `fmt::Arguments` for it.
-        f.write_str(SCHEME)?;
-        f.write_str(&self.td.0)?;
-        f.write_str(&self.path)
+        // Plain writes, not `write!` through `fmt::Arguments`.
+        self.uri_parts()
+            .into_iter()
+            .try_for_each(|p| f.write_str(p))
     }
 }
 
@@ -155,10 +161,9 @@ impl fmt::Display for SpiffeId {
 /// per part). Every Workload API answer carries the ID as a string.
 impl From<&SpiffeId> for String {
     fn from(id: &SpiffeId) -> String {
-        let mut s = String::with_capacity(SCHEME.len() + id.td.0.len() + id.path.len());
-        s.push_str(SCHEME);
-        s.push_str(&id.td.0);
-        s.push_str(&id.path);
+        let parts = id.uri_parts();
+        let mut s = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+        parts.into_iter().for_each(|p| s.push_str(p));
         s
     }
 }
