@@ -9,8 +9,8 @@
 //!
 //! Timers use tokio's clock, so the rotation logic is tested under paused time.
 
+use hashbrown::{Equivalent, HashMap};
 use prost::bytes::Bytes;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -33,6 +33,32 @@ pub struct SvidKey {
     pub spiffe_id: SpiffeId,
     pub ttl: Duration,
     pub extensions: Vec<Extension>,
+}
+
+/// An [`SvidKey`] made of borrowed parts: a fetch looks its SVID up without building (and
+/// allocating) a key. It hashes as the key it stands for (same fields, same order; a slice
+/// hashes as the `Vec` holding it).
+#[derive(Debug, Clone, Copy, Hash)]
+pub struct SvidKeyRef<'a> {
+    pub spiffe_id: &'a SpiffeId,
+    pub ttl: Duration,
+    pub extensions: &'a [Extension],
+}
+
+impl Equivalent<SvidKey> for SvidKeyRef<'_> {
+    fn equivalent(&self, key: &SvidKey) -> bool {
+        *self.spiffe_id == key.spiffe_id && self.ttl == key.ttl && self.extensions == key.extensions
+    }
+}
+
+impl SvidKeyRef<'_> {
+    fn to_key(self) -> SvidKey {
+        SvidKey {
+            spiffe_id: self.spiffe_id.clone(),
+            ttl: self.ttl,
+            extensions: self.extensions.to_vec(),
+        }
+    }
 }
 
 /// An X509-SVID with its private key, as handed to workloads.
@@ -75,8 +101,8 @@ struct Slot {
     refresh_at: Instant,
     /// Someone fetched the current SVID after it was issued.
     used_since_issue: bool,
-    /// Open streams that hold this SVID: it is renewed for as long as any does.
-    holders: usize,
+    /// Shared with every [`Hold`] on this SVID: it is renewed for as long as one is alive.
+    held: Arc<()>,
     backoff: Duration,
     context: IssueContext,
 }
@@ -126,24 +152,12 @@ impl Drop for Inner {
     }
 }
 
-/// Keeps SVIDs renewed while an open stream serves them.
+/// Keeps one cached X509-SVID renewed while it is alive, even if nothing fetches it: an
+/// open stream keeps the holds of the SVIDs it serves. A count shared with the slot, so
+/// taking and releasing one touches no lock.
+#[derive(Debug)]
 pub struct Hold {
-    inner: Weak<Inner>,
-    keys: Vec<SvidKey>,
-}
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        let Some(inner) = self.inner.upgrade() else {
-            return;
-        };
-        let mut slots = inner.slots.lock().expect("slots");
-        for k in &self.keys {
-            if let Some(s) = slots.get_mut(k) {
-                s.holders = s.holders.saturating_sub(1);
-            }
-        }
-    }
+    _count: Arc<()>,
 }
 
 /// Cheap cloneable handle to the cache and its renewal worker.
@@ -176,15 +190,16 @@ impl SvidCache {
         self.inner.generation.subscribe()
     }
 
-    /// The SVID for `key`, issuing it if there is none or the cached one has expired. `ctx`
-    /// (who asked, for the audit record) is awaited only when an SVID is issued.
+    /// The SVID for `key`, issuing it if there is none or the cached one has expired, and a
+    /// hold on it. `ctx` (who asked, for the audit record) is awaited only when an SVID is
+    /// issued.
     pub async fn x509(
         &self,
-        key: &SvidKey,
+        key: SvidKeyRef<'_>,
         ctx: impl Future<Output = IssueContext>,
-    ) -> Result<Arc<X509Svid>, IssueError> {
-        if let Some(svid) = self.cached(key) {
-            return Ok(svid);
+    ) -> Result<(Arc<X509Svid>, Hold), IssueError> {
+        if let Some(found) = self.cached(key) {
+            return Ok(found);
         }
         // Boxed: a future keeps room for its largest branch, and this one is rare next to
         // hits; inline, every fetch would carry it.
@@ -193,58 +208,53 @@ impl SvidCache {
 
     async fn issue_x509(
         &self,
-        key: &SvidKey,
+        key: SvidKeyRef<'_>,
         ctx: impl Future<Output = IssueContext>,
-    ) -> Result<Arc<X509Svid>, IssueError> {
+    ) -> Result<(Arc<X509Svid>, Hold), IssueError> {
         // One issuance at a time: concurrent first fetches of one identity share the result.
         let _guard = self.inner.issuing.lock().await;
-        if let Some(svid) = self.cached(key) {
-            return Ok(svid);
+        if let Some(found) = self.cached(key) {
+            return Ok(found);
         }
         let ctx = ctx.await;
-        let svid = self.inner.issue(key, &ctx, Action::Issued).await?;
+        let key = key.to_key();
+        let svid = self.inner.issue(&key, &ctx, Action::Issued).await?;
         let mut slots = self.inner.slots.lock().expect("slots");
-        let holders = slots.get(key).map_or(0, |s| s.holders);
+        // An expired slot being replaced keeps its holds.
+        let held = slots.get(&key).map(|s| s.held.clone()).unwrap_or_default();
+        let hold = Hold {
+            _count: held.clone(),
+        };
         slots.insert(
-            key.clone(),
+            key,
             Slot {
                 refresh_at: refresh_time(Instant::now(), &svid),
                 current: Some(svid.clone()),
                 used_since_issue: false,
-                holders,
+                held,
                 backoff: BACKOFF_MIN,
                 context: ctx,
             },
         );
         drop(slots);
         self.inner.wake.notify_one();
-        Ok(svid)
+        Ok((svid, hold))
     }
 
-    fn cached(&self, key: &SvidKey) -> Option<Arc<X509Svid>> {
+    fn cached(&self, key: SvidKeyRef<'_>) -> Option<(Arc<X509Svid>, Hold)> {
         let mut slots = self.inner.slots.lock().expect("slots");
-        let slot = slots.get_mut(key)?;
+        let slot = slots.get_mut(&key)?;
         let svid = slot
             .current
             .clone()
             .filter(|s| s.not_after > SystemTime::now())?;
         slot.used_since_issue = true;
-        Some(svid)
-    }
-
-    /// Marks `keys` as held by an open stream until the returned guard is dropped, so they are
-    /// renewed even if nothing fetches them in between.
-    pub fn hold(&self, keys: Vec<SvidKey>) -> Hold {
-        let mut slots = self.inner.slots.lock().expect("slots");
-        for k in &keys {
-            if let Some(s) = slots.get_mut(k) {
-                s.holders += 1;
-            }
-        }
-        Hold {
-            inner: Arc::downgrade(&self.inner),
-            keys,
-        }
+        Some((
+            svid,
+            Hold {
+                _count: slot.held.clone(),
+            },
+        ))
     }
 
     /// A JWT-SVID for `key`, reused until half its lifetime has passed. `claims` (the extra
@@ -425,7 +435,8 @@ impl Inner {
         let due: Vec<(SvidKey, IssueContext)> = {
             let mut slots = self.slots.lock().expect("slots");
             slots.retain(|key, s| {
-                let idle = s.refresh_at <= now && s.holders == 0 && !s.used_since_issue;
+                let unheld = Arc::strong_count(&s.held) == 1;
+                let idle = s.refresh_at <= now && unheld && !s.used_since_issue;
                 if idle {
                     self.metrics.svid_expiry.remove(&IdLabels {
                         spiffe_id: key.spiffe_id.to_string(),
@@ -603,6 +614,24 @@ mod tests {
         (issuer, cache, key, metrics)
     }
 
+    /// Fetches `key`'s SVID and keeps a hold on it.
+    async fn fetch_held(cache: &SvidCache, key: &SvidKey) -> (Arc<X509Svid>, Hold) {
+        let key = SvidKeyRef {
+            spiffe_id: &key.spiffe_id,
+            ttl: key.ttl,
+            extensions: &key.extensions,
+        };
+        cache
+            .x509(key, async { IssueContext::default() })
+            .await
+            .unwrap()
+    }
+
+    /// Fetches `key`'s SVID without holding it.
+    async fn fetch(cache: &SvidCache, key: &SvidKey) -> Arc<X509Svid> {
+        fetch_held(cache, key).await.0
+    }
+
     /// Lets the renewal worker run after the clock moved.
     async fn settle() {
         for _ in 0..20 {
@@ -614,11 +643,7 @@ mod tests {
     async fn an_emergency_reissue_renews_held_svids_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let (issuer, cache, key, _) = setup(dir.path());
-        let first = cache
-            .x509(&key, async { IssueContext::default() })
-            .await
-            .unwrap();
-        let _hold = cache.hold(vec![key.clone()]);
+        let (first, _hold) = fetch_held(&cache, &key).await;
         let mut generation = cache.subscribe();
         generation.borrow_and_update();
         settle().await;
@@ -632,10 +657,7 @@ mod tests {
             "signed again at once"
         );
         assert!(generation.has_changed().unwrap(), "streams are told");
-        let now = cache
-            .x509(&key, async { IssueContext::default() })
-            .await
-            .unwrap();
+        let now = fetch(&cache, &key).await;
         assert_ne!(now.serial, first.serial);
     }
 
@@ -643,16 +665,11 @@ mod tests {
     async fn renews_at_half_life_then_forgets_unused_svids() {
         let dir = tempfile::tempdir().unwrap();
         let (issuer, cache, key, _) = setup(dir.path());
-        let ctx = IssueContext::default();
         let mut generation = cache.subscribe();
 
-        let first = cache.x509(&key, async { ctx.clone() }).await.unwrap();
+        let first = fetch(&cache, &key).await;
         assert_eq!(
-            cache
-                .x509(&key, async { ctx.clone() })
-                .await
-                .unwrap()
-                .serial,
+            fetch(&cache, &key).await.serial,
             first.serial,
             "served from memory"
         );
@@ -674,7 +691,7 @@ mod tests {
             "renewed by 60% of the lifetime"
         );
         generation.mark_unchanged();
-        let second = cache.x509(&key, async { ctx.clone() }).await.unwrap();
+        let second = fetch(&cache, &key).await;
         assert_ne!(second.serial, first.serial);
         assert_eq!(issuer.calls.load(Ordering::SeqCst), 2);
 
@@ -694,11 +711,7 @@ mod tests {
     async fn a_held_svid_is_renewed_without_fetches() {
         let dir = tempfile::tempdir().unwrap();
         let (issuer, cache, key, _) = setup(dir.path());
-        let first = cache
-            .x509(&key, async { IssueContext::default() })
-            .await
-            .unwrap();
-        let hold = cache.hold(vec![key.clone()]);
+        let (first, hold) = fetch_held(&cache, &key).await;
         for round in 2..=4 {
             tokio::time::advance(Duration::from_secs(61)).await;
             settle().await;
@@ -708,14 +721,7 @@ mod tests {
                 "renewed while held"
             );
         }
-        assert_ne!(
-            cache
-                .x509(&key, async { IssueContext::default() })
-                .await
-                .unwrap()
-                .serial,
-            first.serial
-        );
+        assert_ne!(fetch(&cache, &key).await.serial, first.serial);
         drop(hold);
         // The fetch above marked it used once more: one more renewal, then it is forgotten.
         tokio::time::advance(Duration::from_secs(61)).await;
@@ -729,9 +735,7 @@ mod tests {
     async fn failed_renewal_keeps_the_valid_svid_and_retries_with_backoff() {
         let dir = tempfile::tempdir().unwrap();
         let (issuer, cache, key, metrics) = setup(dir.path());
-        let ctx = IssueContext::default();
-        let first = cache.x509(&key, async { ctx.clone() }).await.unwrap();
-        let _hold = cache.hold(vec![key.clone()]);
+        let (first, _hold) = fetch_held(&cache, &key).await;
 
         issuer.fail.store(true, Ordering::SeqCst);
         tokio::time::advance(Duration::from_secs(61)).await;
@@ -739,11 +743,7 @@ mod tests {
         assert_eq!(issuer.calls.load(Ordering::SeqCst), 2, "renewal attempted");
         assert_eq!(metrics.renewal_failures.get(), 1);
         assert_eq!(
-            cache
-                .x509(&key, async { ctx.clone() })
-                .await
-                .unwrap()
-                .serial,
+            fetch(&cache, &key).await.serial,
             first.serial,
             "still-valid SVID kept"
         );
@@ -765,14 +765,48 @@ mod tests {
         settle().await;
         assert_eq!(issuer.calls.load(Ordering::SeqCst), 4);
         assert_ne!(
-            cache
-                .x509(&key, async { ctx.clone() })
-                .await
-                .unwrap()
-                .serial,
+            fetch(&cache, &key).await.serial,
             first.serial,
             "renewed once the issuer is back"
         );
+    }
+
+    #[test]
+    fn a_key_made_of_borrowed_parts_finds_its_slot() {
+        let id: SpiffeId = "spiffe://example.org/w".parse().unwrap();
+        let extensions = vec![Extension {
+            oid_der: vec![0x06, 0x01, 0x2a],
+            value: vec![0x05, 0x00],
+        }];
+        let key = |ttl: u64, extensions: &[Extension]| SvidKey {
+            spiffe_id: id.clone(),
+            ttl: Duration::from_secs(ttl),
+            extensions: extensions.to_vec(),
+        };
+        let mut map: Map<SvidKey, u8> = Map::default();
+        map.insert(key(60, &extensions), 1);
+        map.insert(key(60, &[]), 2);
+        map.insert(key(120, &extensions), 3);
+        for (ttl, extensions, want) in [
+            (60, &extensions[..], 1),
+            (60, &[], 2),
+            (120, &extensions, 3),
+        ] {
+            let borrowed = SvidKeyRef {
+                spiffe_id: &id,
+                ttl: Duration::from_secs(ttl),
+                extensions,
+            };
+            assert_eq!(map.get(&borrowed), Some(&want), "{borrowed:?}");
+            assert_eq!(borrowed.to_key(), key(ttl, extensions));
+        }
+        let other: SpiffeId = "spiffe://example.org/x".parse().unwrap();
+        let borrowed = SvidKeyRef {
+            spiffe_id: &other,
+            ttl: Duration::from_secs(60),
+            extensions: &[],
+        };
+        assert_eq!(map.get(&borrowed), None);
     }
 
     #[tokio::test]
@@ -803,13 +837,14 @@ mod tests {
             AuditLog::memory("t"),
             NodeMetrics::unregistered(),
         );
-        let key = SvidKey {
-            spiffe_id: td.id("/w").unwrap(),
+        let id = td.id("/w").unwrap();
+        let key = SvidKeyRef {
+            spiffe_id: &id,
             ttl: Duration::from_secs(60),
-            extensions: vec![],
+            extensions: &[],
         };
         let err = cache
-            .x509(&key, async { IssueContext::default() })
+            .x509(key, async { IssueContext::default() })
             .await
             .unwrap_err();
         assert!(err.0.contains("another identity or key"), "{err}");

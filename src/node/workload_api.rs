@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::attest::{WorkloadAttestor, resolve_user_name};
-use super::cache::{Hold, IssueContext, JwtKey, SvidCache, SvidKey};
+use super::cache::{Hold, IssueContext, JwtKey, SvidCache, SvidKeyRef};
 use super::composite::{ComposeError, Composed, Composer};
 use super::drift::{DriftWatch, Watching};
 use super::issuer::{TrustBundles, WorkloadClaims};
@@ -553,31 +553,28 @@ impl WorkloadApi {
     async fn x509_response(
         &self,
         caller: &Entitled,
-    ) -> Result<(pb::X509svidResponse, Vec<SvidKey>), Status> {
+    ) -> Result<(pb::X509svidResponse, Vec<Hold>), Status> {
         let mut svids = Vec::with_capacity(caller.issuable.len());
+        let mut holds = Vec::with_capacity(caller.issuable.len());
         let mut last_error = None;
         for i in &caller.issuable {
             let e = &i.e;
-            let key = SvidKey {
-                spiffe_id: e.spiffe_id.clone(),
+            let key = SvidKeyRef {
+                spiffe_id: &e.spiffe_id,
                 ttl: e.x509_ttl,
-                extensions: i
-                    .composed
-                    .as_ref()
-                    .map(|c| c.extensions.clone())
-                    .unwrap_or_default(),
+                extensions: i.composed.as_ref().map_or(&[], |c| &c.extensions),
             };
-            match self.cache.x509(&key, caller.context(self, i)).await {
-                Ok(svid) => svids.push((
-                    key,
-                    pb::X509svid {
+            match self.cache.x509(key, caller.context(self, i)).await {
+                Ok((svid, hold)) => {
+                    svids.push(pb::X509svid {
                         spiffe_id: String::from(&svid.spiffe_id),
                         x509_svid: svid.chain_der.clone(),
                         x509_svid_key: svid.key_pkcs8.clone(),
                         bundle: Bytes::new(),
                         hint: e.hint.clone(),
-                    },
-                )),
+                    });
+                    holds.push(hold);
+                }
                 Err(err) => {
                     // Serve the identities that can be issued; report the rest.
                     tracing::error!(spiffe_id = %e.spiffe_id, error = %err, "X509-SVID issuance failed");
@@ -596,7 +593,7 @@ impl WorkloadApi {
         // too, when the CA is published the moment it starts signing).
         let bundles = self.bundles.borrow().clone();
         let own = Bytes::from(bundles.own.x509_der());
-        for (_, s) in &mut svids {
+        for s in &mut svids {
             s.bundle = own.clone();
         }
         let federated_bundles = bundles
@@ -605,13 +602,12 @@ impl WorkloadApi {
             .map(|(td, b)| (td.id_string(), b.x509_der()))
             .filter(|(_, der)| !der.is_empty())
             .collect();
-        let (keys, svids): (Vec<SvidKey>, Vec<pb::X509svid>) = svids.into_iter().unzip();
         let msg = pb::X509svidResponse {
             svids,
             crl: Vec::new(),
             federated_bundles,
         };
-        Ok((msg, keys))
+        Ok((msg, holds))
     }
 }
 
@@ -693,20 +689,19 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             let caller = self
                 .resolve_entitled(&peer, METHOD, FactNeeds::NONE)
                 .await?;
-            let (first, keys) = self.x509_response(&caller).await?;
-            Ok((caller, first, keys))
+            let (first, holds) = self.x509_response(&caller).await?;
+            Ok((caller, first, holds))
         }
         .await;
         self.observe(METHOD, start, &result);
-        let (caller, first, keys) = result?;
+        let (caller, first, holds) = result?;
 
         // The stream is polled by the connection that carries it, like any response body: no
         // task or channel per stream. It ends when the client goes away (the body is dropped),
         // at shutdown, or with the status that withdrew the identity.
         let watch = X509Watch {
             _guard: StreamGuard::new(&self.metrics),
-            // While the stream is open its SVIDs are renewed even if nothing else fetches them.
-            hold: self.cache.hold(keys),
+            _holds: holds,
             // Files behind its composite identities are watched for drift while it is open.
             watching: self.drift.watch(&caller.watched_files()),
             composites: caller.composites(),
@@ -727,13 +722,13 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                         .api
                         .resolve_entitled(&w.peer, METHOD, FactNeeds::NONE)
                         .await?;
-                    let (msg, keys) = w.api.x509_response(&caller).await?;
-                    Ok::<_, Status>((caller, msg, keys))
+                    let (msg, holds) = w.api.x509_response(&caller).await?;
+                    Ok::<_, Status>((caller, msg, holds))
                 })
                 .await;
                 match next {
-                    Ok((caller, msg, keys)) => {
-                        w.hold = w.api.cache.hold(keys);
+                    Ok((caller, msg, holds)) => {
+                        w._holds = holds;
                         let composites = caller.composites();
                         if composites != w.composites {
                             w.api.audit_drift(&w.peer, &w.composites, &composites);
@@ -1022,7 +1017,8 @@ where
 /// What an open FetchX509SVID stream keeps between messages.
 struct X509Watch {
     _guard: StreamGuard,
-    hold: Hold,
+    /// While the stream is open its SVIDs are renewed even if nothing else fetches them.
+    _holds: Vec<Hold>,
     watching: Watching,
     composites: Vec<(SpiffeId, Option<Arc<Composed>>)>,
     changes: watch::Receiver<()>,
