@@ -138,7 +138,7 @@ pub fn workload_message(
     pb::Workload {
         uid: unix.uid,
         gid: unix.gid,
-        supplementary_gids: unix.supplementary_gids,
+        supplementary_gids: unix.supplementary_gids.to_vec(),
         user_name: unix.user_name.unwrap_or_default(),
         exe_path: unix.path.unwrap_or_default(),
         exe_sha256: unix.sha256.unwrap_or_default(),
@@ -155,7 +155,7 @@ pub fn unix_facts(w: &pb::Workload) -> UnixFacts {
     UnixFacts {
         uid: w.uid,
         gid: w.gid,
-        supplementary_gids: w.supplementary_gids.clone(),
+        supplementary_gids: w.supplementary_gids.as_slice().into(),
         user_name: non_empty(&w.user_name),
         path: non_empty(&w.exe_path),
         sha256: non_empty(&w.exe_sha256),

@@ -295,7 +295,7 @@ mod tests {
         ];
         WorkloadFacts {
             unix: facts().unix,
-            k8s: Some(K8sFacts {
+            k8s: Some(Box::new(K8sFacts {
                 cluster: "prod".into(),
                 node_name: "node-a".into(),
                 namespace: "payments".into(),
@@ -309,7 +309,7 @@ mod tests {
                 container_name: "agent".into(),
                 image_digest: Some(format!("sha256:{}", "c".repeat(64))),
                 ..Default::default()
-            }),
+            })),
         }
     }
 

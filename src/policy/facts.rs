@@ -1,13 +1,16 @@
 //! What attestation learned about a caller: the input to policy matching and templates.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Facts about one workload, each gathered outside the workload process.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct WorkloadFacts {
     pub unix: Option<UnixFacts>,
     /// Present when the caller runs in a Kubernetes pod known to the node's pod index.
-    pub k8s: Option<K8sFacts>,
+    /// Boxed: inline it is three quarters of the facts' size, carried (and moved) by every
+    /// call's futures whether or not the caller runs in a pod.
+    pub k8s: Option<Box<K8sFacts>>,
 }
 
 /// Facts about a caller's pod and container, from the node's pod index (API server watch or
@@ -84,7 +87,9 @@ impl FactNeeds {
 pub struct UnixFacts {
     pub uid: u32,
     pub gid: u32,
-    pub supplementary_gids: Vec<u32>,
+    /// Shared with the connection's peer credentials, which hold the same list: every call
+    /// is attested again, and this way without copying it.
+    pub supplementary_gids: Arc<[u32]>,
     pub user_name: Option<String>,
     /// Executable path as the kernel reports it (`/proc/<pid>/exe`).
     pub path: Option<String>,

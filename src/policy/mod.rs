@@ -234,7 +234,7 @@ mod tests {
             unix: Some(UnixFacts {
                 uid,
                 gid: 100,
-                supplementary_gids: vec![5, 6],
+                supplementary_gids: Arc::from([5, 6]),
                 user_name: Some("ada".into()),
                 path: Some("/bin/agent".into()),
                 sha256: Some("sha256:aa".into()),
@@ -326,13 +326,13 @@ spec:
         let td = TrustDomain::new("td").unwrap();
         let set = PolicySet::new(parse_documents("k.yaml", yaml, &td).unwrap());
         let mut pod = facts(1000);
-        pod.k8s = Some(K8sFacts {
+        pod.k8s = Some(Box::new(K8sFacts {
             namespace: "payments".into(),
             service_account: "refund-sa".into(),
             pod_labels: [("app".to_owned(), "refund".to_owned())].into(),
             pod_annotations: [(AGENT_NAME_ANNOTATION.to_owned(), "refund".to_owned())].into(),
             ..Default::default()
-        });
+        }));
         let (ents, errs) = set.entitlements(&td, &pod);
         assert!(errs.is_empty(), "{errs:?}");
         let ids: Vec<String> = ents.iter().map(|e| e.spiffe_id.to_string()).collect();

@@ -343,7 +343,7 @@ mod tests {
                 gid: 1000,
                 ..Default::default()
             }),
-            k8s: Some(pod()),
+            k8s: Some(Box::new(pod())),
         }
     }
 
@@ -516,7 +516,7 @@ mod tests {
         assert!(!sel.matches(&wrong_ns));
         let no_unix = WorkloadFacts {
             unix: None,
-            k8s: Some(pod()),
+            k8s: Some(Box::new(pod())),
         };
         assert!(!sel.matches(&no_unix));
     }

@@ -172,7 +172,7 @@ fn sample_facts() -> WorkloadFacts {
             user_name: Some("user".into()),
             ..Default::default()
         }),
-        k8s: Some(K8sFacts {
+        k8s: Some(Box::new(K8sFacts {
             cluster: "cluster".into(),
             node_name: "node".into(),
             namespace: "namespace".into(),
@@ -185,7 +185,7 @@ fn sample_facts() -> WorkloadFacts {
             )]),
             container_name: "container".into(),
             ..Default::default()
-        }),
+        })),
     }
 }
 

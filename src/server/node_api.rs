@@ -202,7 +202,7 @@ impl NodeApi {
                 let k8s = self.pod_facts(cluster, name, w).await?;
                 WorkloadFacts {
                     unix,
-                    k8s: Some(k8s),
+                    k8s: Some(Box::new(k8s)),
                 }
             }
         };
@@ -797,7 +797,7 @@ mod tests {
     fn pod_facts() -> WorkloadFacts {
         WorkloadFacts {
             unix: Some(UnixFacts::default()),
-            k8s: Some(K8sFacts {
+            k8s: Some(Box::new(K8sFacts {
                 cluster: "prod".into(),
                 node_name: "node-a".into(),
                 namespace: "payments".into(),
@@ -818,7 +818,7 @@ mod tests {
                 ]
                 .into(),
                 ..Default::default()
-            }),
+            })),
         }
     }
 

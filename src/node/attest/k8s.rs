@@ -83,7 +83,7 @@ impl WorkloadAttestor for K8sAttestor {
         if !peer.is_alive() {
             return Err(AttestError::Exited(peer.pid));
         }
-        facts.k8s = Some(k8s);
+        facts.k8s = Some(Box::new(k8s));
         Ok(facts)
     }
 }

@@ -209,8 +209,8 @@ impl WorkloadAttestor for UnixAttestor {
             false => None,
         };
         let supplementary_gids = match &peer.groups {
-            Some(groups) => groups.to_vec(),
-            None => proc.supplementary_gids()?,
+            Some(groups) => groups.clone(),
+            None => proc.supplementary_gids()?.into(),
         };
         // Read through the caller's own directory, the facts are its own or the reads failed.
         // Anything else (reads by path, or the connection's credentials alone) describes the
@@ -350,7 +350,7 @@ mod tests {
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
         let line = groups_line(status.as_bytes()).unwrap();
         assert_eq!(
-            unix.supplementary_gids,
+            *unix.supplementary_gids,
             parse_groups(line, std::path::Path::new("status")).unwrap()
         );
         // With the groups from the socket and no executable facts asked for, nothing is read
@@ -364,7 +364,7 @@ mod tests {
             .unix
             .unwrap();
         assert_eq!((bare.path, bare.sha256), (None, None));
-        assert_eq!(bare.supplementary_gids, [4, 5]);
+        assert_eq!(*bare.supplementary_gids, [4, 5]);
         child.kill().unwrap();
         child.wait().unwrap();
         for (p, needs) in [(&peer, ALL), (&peer, NONE), (&connected, NONE)] {
@@ -441,8 +441,8 @@ mod tests {
             assert_eq!((unix.uid, unix.gid), (peer.uid, peer.gid));
             assert_eq!(unix.path.as_deref(), exe.to_str());
             assert_eq!(unix.sha256.as_deref(), Some(expected_sha.as_str()));
-            assert_eq!(unix.supplementary_gids, groups);
-            assert_eq!(from_proc, groups);
+            assert_eq!(*unix.supplementary_gids, groups);
+            assert_eq!(*from_proc, groups);
             // Left for `resolve_user_name`, which fills it in from the uid.
             assert_eq!(unix.user_name, None);
             let mut facts = crate::policy::WorkloadFacts {
