@@ -7,7 +7,7 @@
 use prost::bytes::Bytes;
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
@@ -15,6 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prost_types::value::Kind;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tonic::metadata::{Ascii, MetadataKey};
 use tonic::{Request, Response, Status};
 
 use super::attest::{WorkloadAttestor, resolve_user_name};
@@ -41,7 +42,10 @@ pub const NO_IDENTITY: &str = "no identity issued";
 /// Rejects requests without the security header, before any attestation (EP-06, EP-07, G-7).
 #[allow(clippy::result_large_err)]
 pub fn check_security_header(req: Request<()>) -> Result<Request<()>, Status> {
-    let mut values = req.metadata().get_all(SECURITY_HEADER).iter();
+    // Parsed once: looked up by its text, the name would be parsed again on every request.
+    static KEY: LazyLock<MetadataKey<Ascii>> =
+        LazyLock::new(|| MetadataKey::from_static(SECURITY_HEADER));
+    let mut values = req.metadata().get_all(&*KEY).iter();
     match (values.next(), values.next()) {
         (Some(v), None) if v == "true" => Ok(req),
         _ => Err(Status::invalid_argument(
@@ -81,6 +85,26 @@ pub struct WorkloadApiState {
     changes: Arc<OnceLock<watch::Receiver<()>>>,
     /// Cancelled at shutdown: open streams end so the server can drain.
     shutdown: CancellationToken,
+    own_der: Arc<OwnBundleDer>,
+}
+
+/// The trust domain's own X.509 bundle as the DER every X509-SVID answer carries, made once
+/// per bundle rather than concatenated again for every answer.
+#[derive(Default)]
+struct OwnBundleDer(std::sync::Mutex<Option<(Arc<TrustBundles>, Bytes)>>);
+
+impl OwnBundleDer {
+    fn of(&self, bundles: &Arc<TrustBundles>) -> Bytes {
+        let mut memo = self.0.lock().expect("bundle DER");
+        match &*memo {
+            Some((seen, der)) if Arc::ptr_eq(seen, bundles) => der.clone(),
+            _ => {
+                let der = Bytes::from(bundles.own.x509_der());
+                *memo = Some((bundles.clone(), der.clone()));
+                der
+            }
+        }
+    }
 }
 
 /// Distinct callers whose entitlements are remembered (past that the cache starts over).
@@ -149,14 +173,6 @@ impl Entitled {
         api.full_facts(&self.peer, &self.facts, self.needs).await
     }
 
-    /// The composite identity stated under each SPIFFE ID (for drift records).
-    fn composites(&self) -> Vec<(SpiffeId, Option<Arc<Composed>>)> {
-        self.issuable
-            .iter()
-            .map(|i| (i.e.spiffe_id.clone(), i.composed.clone()))
-            .collect()
-    }
-
     /// Every file the caller's composite identities were hashed from.
     fn watched_files(&self) -> Vec<std::path::PathBuf> {
         let mut files: Vec<_> = self
@@ -169,6 +185,14 @@ impl Entitled {
         files.dedup();
         files
     }
+}
+
+/// Whether `a` and `b` state the same composite identity under the same SPIFFE IDs.
+fn same_identities(a: &[Issuable], b: &[Issuable]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(a, b)| a.e.spiffe_id == b.e.spiffe_id && a.composed == b.composed)
 }
 
 /// The composite part of an audit record's identity.
@@ -245,6 +269,7 @@ impl WorkloadApi {
             entitlements: Arc::new(EntitlementCache::new(ENTITLEMENT_CACHE_MAX)),
             changes: Arc::default(),
             shutdown: CancellationToken::new(),
+            own_der: Arc::default(),
         }))
     }
 
@@ -592,7 +617,7 @@ impl WorkloadApi {
         // signed, so this bundle holds the CA of every SVID above (after an emergency rotation
         // too, when the CA is published the moment it starts signing).
         let bundles = self.bundles.borrow().clone();
-        let own = Bytes::from(bundles.own.x509_der());
+        let own = self.own_der.of(&bundles);
         for s in &mut svids {
             s.bundle = own.clone();
         }
@@ -704,10 +729,10 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             _holds: holds,
             // Files behind its composite identities are watched for drift while it is open.
             watching: self.drift.watch(&caller.watched_files()),
-            composites: caller.composites(),
             changes,
             api: self.clone(),
             peer: caller.peer,
+            issued: caller.issuable,
             last: first.clone(),
         };
         let updates = futures::stream::unfold(Some(watch), |watch| async move {
@@ -729,12 +754,11 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                 match next {
                     Ok((caller, msg, holds)) => {
                         w._holds = holds;
-                        let composites = caller.composites();
-                        if composites != w.composites {
-                            w.api.audit_drift(&w.peer, &w.composites, &composites);
+                        if !same_identities(&caller.issuable, &w.issued) {
+                            w.api.audit_drift(&w.peer, &w.issued, &caller.issuable);
                             w.watching = w.api.drift.watch(&caller.watched_files());
-                            w.composites = composites;
                         }
+                        w.issued = caller.issuable;
                         if msg != w.last {
                             w.last = msg.clone();
                             return Some((Ok(msg), Some(w)));
@@ -744,7 +768,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                         // Withdrawn (no identity left) or unattestable: end the stream with
                         // the reason; clients reconnect and are told again.
                         if status.code() == tonic::Code::PermissionDenied {
-                            w.api.audit_drift(&w.peer, &w.composites, &[]);
+                            w.api.audit_drift(&w.peer, &w.issued, &[]);
                         }
                         return Some((Err(status), None));
                     }
@@ -926,14 +950,13 @@ impl WorkloadApi {
 
     /// Records what an open stream stopped serving: each identity withdrawn, and each whose
     /// composite identity changed (drift), with the old and new digests.
-    fn audit_drift(
-        &self,
-        peer: &PeerInfo,
-        before: &[(SpiffeId, Option<Arc<Composed>>)],
-        after: &[(SpiffeId, Option<Arc<Composed>>)],
-    ) {
-        for (id, old) in before {
-            let now = after.iter().find(|(a, _)| a == id).map(|(_, c)| c);
+    fn audit_drift(&self, peer: &PeerInfo, before: &[Issuable], after: &[Issuable]) {
+        for Issuable { e, composed: old } in before {
+            let id = &e.spiffe_id;
+            let now = after
+                .iter()
+                .find(|a| a.e.spiffe_id == *id)
+                .map(|a| &a.composed);
             let reason = match (old, now) {
                 (_, None) => "no longer entitled (the denial record says why)".to_owned(),
                 (Some(old), Some(Some(new))) if old.cid != new.cid => {
@@ -1020,7 +1043,9 @@ struct X509Watch {
     /// While the stream is open its SVIDs are renewed even if nothing else fetches them.
     _holds: Vec<Hold>,
     watching: Watching,
-    composites: Vec<(SpiffeId, Option<Arc<Composed>>)>,
+    /// What the last message was built from: the SPIFFE IDs and the composite identities
+    /// they state, for drift records.
+    issued: Vec<Issuable>,
     changes: watch::Receiver<()>,
     api: WorkloadApi,
     peer: PeerInfo,
@@ -1185,6 +1210,34 @@ mod tests {
             .unwrap();
         let ids: Vec<&str> = next.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
         assert_eq!(ids, ["spiffe://example.org/a", "spiffe://example.org/b"]);
+    }
+
+    #[test]
+    fn the_own_bundle_der_is_made_once_per_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let authority =
+            Authority::open(dir.path(), td.clone(), AuthorityConfig::default()).unwrap();
+        let bundles_now = |authority: &Authority| {
+            Arc::new(TrustBundles {
+                trust_domain: td.clone(),
+                own: authority.bundle(),
+                federated: Default::default(),
+            })
+        };
+        let memo = OwnBundleDer::default();
+        let first = bundles_now(&authority);
+        let der = memo.of(&first);
+        assert_eq!(der, first.own.x509_der());
+        assert_eq!(memo.of(&first).as_ptr(), der.as_ptr(), "made once");
+
+        authority
+            .rotate_now(crate::server::KeyKind::X509Ca)
+            .unwrap();
+        let rotated = bundles_now(&authority);
+        let new = memo.of(&rotated);
+        assert_eq!(new, rotated.own.x509_der(), "a new bundle, a new DER");
+        assert_ne!(new, der);
     }
 
     /// Rotates the CA in an emergency (no published next CA) inside the signing call: the new
