@@ -57,11 +57,16 @@ pub struct Window {
     pub per_client: Vec<usize>,
     /// Server CPU time spent inside the window.
     pub server_cpu: Duration,
+    /// The p99 of each window pooled into this one.
+    pub round_p99: Vec<Duration>,
 }
 
 impl Window {
     /// Adds the figures of `other`, a later window against the same server.
-    pub fn pool(&mut self, other: Window) {
+    pub fn pool(&mut self, mut other: Window) {
+        other.latencies.sort_unstable();
+        self.round_p99
+            .push(super::stats::percentile(&other.latencies, 0.99));
         self.latencies.extend(other.latencies);
         self.per_client.extend(other.per_client);
         self.server_cpu += other.server_cpu;
@@ -69,7 +74,14 @@ impl Window {
 
     /// The figures of the pooled windows, `total` long together.
     pub fn summary(self, total: Duration) -> Summary {
-        Summary::of(self.latencies, total, self.server_cpu).with_clients(&self.per_client)
+        Summary {
+            round_p99_ms: self
+                .round_p99
+                .iter()
+                .map(|d| d.as_secs_f64() * 1e3)
+                .collect(),
+            ..Summary::of(self.latencies, total, self.server_cpu).with_clients(&self.per_client)
+        }
     }
 }
 
@@ -135,6 +147,7 @@ pub async fn run(
         latencies,
         per_client,
         server_cpu,
+        round_p99: Vec::new(),
     })
 }
 

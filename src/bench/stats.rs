@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 /// What one server did under one load level, over all its rounds.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     /// Completed calls inside the measuring windows.
     pub calls: usize,
@@ -24,6 +24,10 @@ pub struct Summary {
     /// were served. Absent where one client was measured alone.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_calls: Option<[usize; 2]>,
+    /// The p99 of each round on its own, in order: whether a tail is spread over the run
+    /// or comes from a few rounds. Absent where rounds are not kept apart.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub round_p99_ms: Vec<f64>,
 }
 
 impl Summary {
@@ -40,6 +44,7 @@ impl Summary {
             per_sec: samples.len() as f64 / window.as_secs_f64().max(1e-9),
             server_cpu_us: server_cpu.as_secs_f64() * 1e6 / samples.len().max(1) as f64,
             client_calls: None,
+            round_p99_ms: Vec::new(),
         }
     }
 
