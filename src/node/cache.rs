@@ -107,6 +107,14 @@ struct Slot {
     context: IssueContext,
 }
 
+impl Slot {
+    fn hold(&self) -> Hold {
+        Hold {
+            _count: self.held.clone(),
+        }
+    }
+}
+
 /// What identifies one cached JWT-SVID. Its only extra claims are those of the composite
 /// identity it states, which that identity's `cid` (a digest of all of it) stands for: the
 /// key is built per fetch without serializing any claims.
@@ -222,20 +230,16 @@ impl SvidCache {
         let mut slots = self.inner.slots.lock().expect("slots");
         // An expired slot being replaced keeps its holds.
         let held = slots.get(&key).map(|s| s.held.clone()).unwrap_or_default();
-        let hold = Hold {
-            _count: held.clone(),
+        let slot = Slot {
+            refresh_at: refresh_time(Instant::now(), &svid),
+            current: Some(svid.clone()),
+            used_since_issue: false,
+            held,
+            backoff: BACKOFF_MIN,
+            context: ctx,
         };
-        slots.insert(
-            key,
-            Slot {
-                refresh_at: refresh_time(Instant::now(), &svid),
-                current: Some(svid.clone()),
-                used_since_issue: false,
-                held,
-                backoff: BACKOFF_MIN,
-                context: ctx,
-            },
-        );
+        let hold = slot.hold();
+        slots.insert(key, slot);
         drop(slots);
         self.inner.wake.notify_one();
         Ok((svid, hold))
@@ -249,12 +253,7 @@ impl SvidCache {
             .clone()
             .filter(|s| s.not_after > SystemTime::now())?;
         slot.used_since_issue = true;
-        Some((
-            svid,
-            Hold {
-                _count: slot.held.clone(),
-            },
-        ))
+        Some((svid, slot.hold()))
     }
 
     /// A JWT-SVID for `key`, reused until half its lifetime has passed. `claims` (the extra

@@ -161,10 +161,7 @@ impl fmt::Display for SpiffeId {
 /// per part). Every Workload API answer carries the ID as a string.
 impl From<&SpiffeId> for String {
     fn from(id: &SpiffeId) -> String {
-        let parts = id.uri_parts();
-        let mut s = String::with_capacity(parts.iter().map(|p| p.len()).sum());
-        parts.into_iter().for_each(|p| s.push_str(p));
-        s
+        id.uri_parts().concat()
     }
 }
 
