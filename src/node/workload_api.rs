@@ -85,23 +85,38 @@ pub struct WorkloadApiState {
     changes: Arc<OnceLock<watch::Receiver<()>>>,
     /// Cancelled at shutdown: open streams end so the server can drain.
     shutdown: CancellationToken,
-    own_der: Arc<OwnBundleDer>,
+    bundle_ders: Arc<BundleDerMemo>,
 }
 
-/// The trust domain's own X.509 bundle as the DER every X509-SVID answer carries, made once
-/// per bundle rather than concatenated again for every answer.
-#[derive(Default)]
-struct OwnBundleDer(std::sync::Mutex<Option<(Arc<TrustBundles>, Bytes)>>);
+/// The X.509 bundles as every X509-SVID answer carries them: the DER certificates of each
+/// trust domain, concatenated.
+struct BundleDers {
+    own: Bytes,
+    federated: HashMap<String, Vec<u8>>,
+}
 
-impl OwnBundleDer {
-    fn of(&self, bundles: &Arc<TrustBundles>) -> Bytes {
+/// [`BundleDers`] made once per set of bundles (keyed by its `Arc`, which the memo holds so
+/// the address cannot be reused), rather than concatenated again for every answer.
+#[derive(Default)]
+struct BundleDerMemo(std::sync::Mutex<Option<(Arc<TrustBundles>, Arc<BundleDers>)>>);
+
+impl BundleDerMemo {
+    fn of(&self, bundles: &Arc<TrustBundles>) -> Arc<BundleDers> {
         let mut memo = self.0.lock().expect("bundle DER");
         match &*memo {
-            Some((seen, der)) if Arc::ptr_eq(seen, bundles) => der.clone(),
+            Some((seen, ders)) if Arc::ptr_eq(seen, bundles) => ders.clone(),
             _ => {
-                let der = Bytes::from(bundles.own.x509_der());
-                *memo = Some((bundles.clone(), der.clone()));
-                der
+                let ders = Arc::new(BundleDers {
+                    own: bundles.own.x509_der().into(),
+                    federated: bundles
+                        .federated
+                        .iter()
+                        .map(|(td, b)| (td.id_string(), b.x509_der()))
+                        .filter(|(_, der)| !der.is_empty())
+                        .collect(),
+                });
+                *memo = Some((bundles.clone(), ders.clone()));
+                ders
             }
         }
     }
@@ -269,7 +284,7 @@ impl WorkloadApi {
             entitlements: Arc::new(EntitlementCache::new(ENTITLEMENT_CACHE_MAX)),
             changes: Arc::default(),
             shutdown: CancellationToken::new(),
-            own_der: Arc::default(),
+            bundle_ders: Arc::default(),
         }))
     }
 
@@ -616,21 +631,14 @@ impl WorkloadApi {
         // Read after the SVIDs: the issuer publishes a new CA before it hands back anything it
         // signed, so this bundle holds the CA of every SVID above (after an emergency rotation
         // too, when the CA is published the moment it starts signing).
-        let bundles = self.bundles.borrow().clone();
-        let own = self.own_der.of(&bundles);
+        let ders = self.bundle_ders.of(&self.bundles.borrow().clone());
         for s in &mut svids {
-            s.bundle = own.clone();
+            s.bundle = ders.own.clone();
         }
-        let federated_bundles = bundles
-            .federated
-            .iter()
-            .map(|(td, b)| (td.id_string(), b.x509_der()))
-            .filter(|(_, der)| !der.is_empty())
-            .collect();
         let msg = pb::X509svidResponse {
             svids,
             crl: Vec::new(),
-            federated_bundles,
+            federated_bundles: ders.federated.clone(),
         };
         Ok((msg, holds))
     }
@@ -1213,7 +1221,7 @@ mod tests {
     }
 
     #[test]
-    fn the_own_bundle_der_is_made_once_per_bundle() {
+    fn the_bundle_ders_are_made_once_per_bundle() {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::new("example.org").unwrap();
         let authority =
@@ -1225,17 +1233,17 @@ mod tests {
                 federated: Default::default(),
             })
         };
-        let memo = OwnBundleDer::default();
+        let memo = BundleDerMemo::default();
         let first = bundles_now(&authority);
-        let der = memo.of(&first);
+        let der = memo.of(&first).own.clone();
         assert_eq!(der, first.own.x509_der());
-        assert_eq!(memo.of(&first).as_ptr(), der.as_ptr(), "made once");
+        assert_eq!(memo.of(&first).own.as_ptr(), der.as_ptr(), "made once");
 
         authority
             .rotate_now(crate::server::KeyKind::X509Ca)
             .unwrap();
         let rotated = bundles_now(&authority);
-        let new = memo.of(&rotated);
+        let new = memo.of(&rotated).own.clone();
         assert_eq!(new, rotated.own.x509_der(), "a new bundle, a new DER");
         assert_ne!(new, der);
     }
