@@ -542,7 +542,7 @@ pub enum AuditCommand {
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// Measuring time per load level and server, split over the alternating rounds.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
     /// Concurrent FetchX509SVID clients, one connection each.
     #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000")]
@@ -559,9 +559,14 @@ pub struct BenchArgs {
     /// Open FetchX509SVID streams for the memory measurement.
     #[arg(long, default_value_t = 1000)]
     pub streams: usize,
-    /// Floor/daemon alternations per level (drift on a shared machine hits both alike).
-    #[arg(long, default_value_t = 2)]
+    /// Floor/daemon rounds per level (drift on a shared machine hits both alike); latency
+    /// ratios are the median of the rounds' ratios.
+    #[arg(long, default_value_t = 8)]
     pub rounds: usize,
+    /// Put a second floor where the daemon goes: every ratio then shows how far two
+    /// identical servers differ on this machine, the noise the real ratios sit in.
+    #[arg(long)]
+    pub calibrate: bool,
     /// A short smoke run: at most 0.5 s per level, one round.
     #[arg(long)]
     pub quick: bool,

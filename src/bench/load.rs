@@ -57,16 +57,16 @@ pub struct Window {
     pub per_client: Vec<usize>,
     /// Server CPU time spent inside the window.
     pub server_cpu: Duration,
-    /// The p99 of each window pooled into this one.
-    pub round_p99: Vec<Duration>,
+    /// The p50 and p99 of each window pooled into this one, in order.
+    pub rounds: Vec<[Duration; 2]>,
 }
 
 impl Window {
     /// Adds the figures of `other`, a later window against the same server.
     pub fn pool(&mut self, mut other: Window) {
         other.latencies.sort_unstable();
-        self.round_p99
-            .push(super::stats::percentile(&other.latencies, 0.99));
+        self.rounds
+            .push([0.50, 0.99].map(|q| super::stats::percentile(&other.latencies, q)));
         self.latencies.extend(other.latencies);
         self.per_client.extend(other.per_client);
         self.server_cpu += other.server_cpu;
@@ -74,12 +74,15 @@ impl Window {
 
     /// The figures of the pooled windows, `total` long together.
     pub fn summary(self, total: Duration) -> Summary {
-        Summary {
-            round_p99_ms: self
-                .round_p99
+        let ms = |i: usize| {
+            self.rounds
                 .iter()
-                .map(|d| d.as_secs_f64() * 1e3)
-                .collect(),
+                .map(|r| r[i].as_secs_f64() * 1e3)
+                .collect()
+        };
+        Summary {
+            round_p50_ms: ms(0),
+            round_p99_ms: ms(1),
             ..Summary::of(self.latencies, total, self.server_cpu).with_clients(&self.per_client)
         }
     }
@@ -147,7 +150,7 @@ pub async fn run(
         latencies,
         per_client,
         server_cpu,
-        round_p99: Vec::new(),
+        rounds: Vec::new(),
     })
 }
 

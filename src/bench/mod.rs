@@ -56,6 +56,8 @@ pub struct Setup {
     pub window_ms: u128,
     pub rounds: usize,
     pub open_files_limit: u64,
+    /// A second floor stood where the daemon goes (`--calibrate`).
+    pub calibrate: bool,
 }
 
 /// One load level: both servers and their ratios.
@@ -70,8 +72,14 @@ pub struct Level {
 /// daemon / floor for each figure.
 #[derive(Debug, Serialize)]
 pub struct Ratios {
+    /// The median over rounds of each round's p50 ratio (see [`stats::paired_median`]).
     pub p50: f64,
+    /// The median over rounds of each round's p99 ratio.
     pub p99: f64,
+    /// The ratio of the percentiles of all rounds' calls pooled, for comparison: a stall
+    /// in a few windows of one server sets it.
+    pub pooled_p50: f64,
+    pub pooled_p99: f64,
     pub mean: f64,
     pub per_sec: f64,
     pub server_cpu: f64,
@@ -143,7 +151,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (id, _) = floor::default_identity()?;
 
     let mut floor = Server::floor(&exe, dir.path())?;
-    let mut daemon = Server::daemon(&exe, dir.path())?;
+    let mut daemon = if args.calibrate {
+        Server::floor_named(&exe, dir.path(), "floor-2")?
+    } else {
+        Server::daemon(&exe, dir.path())?
+    };
     floor.ready().await?;
     daemon.ready().await?;
     // First calls issue the SVID and JWT-SVID and hash this executable: the cache is warm after.
@@ -203,6 +215,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             window_ms: plan.window.as_millis(),
             rounds: plan.rounds,
             open_files_limit,
+            calibrate: args.calibrate,
         },
         targets: targets(&x509, &jwt, &rss, &issuance),
         x509,
@@ -236,8 +249,14 @@ async fn measure_level(
         load::run(&server.socket, clients, call, warm_up, || server.cpu_time()).await?;
     }
     let (mut f, mut d) = (load::Window::default(), load::Window::default());
-    for _ in 0..plan.rounds {
-        for (server, pooled) in [(floor, &mut f), (daemon, &mut d)] {
+    for round in 0..plan.rounds {
+        let mut order = [(floor, &mut f), (daemon, &mut d)];
+        // Who goes first alternates (floor, daemon; daemon, floor; ...), so whatever the
+        // first or second window of a round has in common falls on both alike.
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (server, pooled) in order {
             let w = load::run(&server.socket, clients, call, plan.window, || {
                 server.cpu_time()
             })
@@ -247,11 +266,14 @@ async fn measure_level(
     }
     let total = plan.window * plan.rounds as u32;
     let (floor, daemon) = (f.summary(total), d.summary(total));
+    let paired = |d: &[f64], f: &[f64]| stats::paired_median(d, f).unwrap_or(f64::NAN);
     Ok(Level {
         clients,
         ratio: Ratios {
-            p50: daemon.p50_ms / floor.p50_ms,
-            p99: daemon.p99_ms / floor.p99_ms,
+            p50: paired(&daemon.round_p50_ms, &floor.round_p50_ms),
+            p99: paired(&daemon.round_p99_ms, &floor.round_p99_ms),
+            pooled_p50: daemon.p50_ms / floor.p50_ms,
+            pooled_p99: daemon.p99_ms / floor.p99_ms,
             mean: daemon.mean_ms / floor.mean_ms,
             per_sec: daemon.per_sec / floor.per_sec,
             server_cpu: daemon.server_cpu_us / floor.server_cpu_us,
@@ -341,12 +363,20 @@ pub fn render(r: &Report) -> String {
     let _ = writeln!(
         out,
         "agentid bench: {} build, {} CPUs shared by the clients and both servers,\n\
-         {} round(s) of {} ms per level and server, alternating floor and daemon\n",
+         {} round(s) of {} ms per level and server, floor and daemon in alternating order;\n\
+         p50 and p99 ratios are the median of the rounds' ratios\n",
         if s.release_build { "release" } else { "DEBUG" },
         s.cpus,
         s.rounds,
         s.window_ms
     );
+    if s.calibrate {
+        let _ = writeln!(
+            out,
+            "CALIBRATION (--calibrate): a second floor stands in the daemon's column, so every\n\
+             ratio is the difference between two identical servers on this machine\n"
+        );
+    }
     let target = |what: &str| r.targets.iter().find(|t| t.what == what);
     let head = |out: &mut String, title: &str, a: &str, b: &str| {
         let _ = writeln!(
@@ -391,6 +421,14 @@ pub fn render(r: &Report) -> String {
                 l.ratio.p99,
                 ms(d.p99_ms),
                 ms(f.p99_ms),
+            );
+            row(
+                &mut out,
+                &format!("{:<12} p99 pooled", ""),
+                None,
+                l.ratio.pooled_p99,
+                String::new(),
+                String::new(),
             );
             row(
                 &mut out,

@@ -72,10 +72,15 @@ impl Server {
 
     /// Starts the floor server, `agentid bench-floor`.
     pub fn floor(exe: &Path, dir: &Path) -> anyhow::Result<Self> {
-        let socket = dir.join("floor.sock");
+        Self::floor_named(exe, dir, "floor")
+    }
+
+    /// Starts a floor server named `name` (socket and log files).
+    pub fn floor_named(exe: &Path, dir: &Path, name: &'static str) -> anyhow::Result<Self> {
+        let socket = dir.join(format!("{name}.sock"));
         let mut cmd = Command::new(exe);
         cmd.arg("bench-floor").arg("--socket").arg(&socket);
-        Self::spawn("floor", cmd, socket, dir)
+        Self::spawn(name, cmd, socket, dir)
     }
 
     /// Starts `cmd` as the server named `name`, listening on `socket`; logs in `dir`.

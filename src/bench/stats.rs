@@ -24,8 +24,11 @@ pub struct Summary {
     /// were served. Absent where one client was measured alone.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_calls: Option<[usize; 2]>,
-    /// The p99 of each round on its own, in order: whether a tail is spread over the run
-    /// or comes from a few rounds. Absent where rounds are not kept apart.
+    /// The p50 and p99 of each round on its own, in order: what the ratios to the floor are
+    /// made of (see [`paired_median`]), and whether a tail is spread over the run or comes
+    /// from a few rounds. Absent where rounds are not kept apart.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub round_p50_ms: Vec<f64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub round_p99_ms: Vec<f64>,
 }
@@ -44,6 +47,7 @@ impl Summary {
             per_sec: samples.len() as f64 / window.as_secs_f64().max(1e-9),
             server_cpu_us: server_cpu.as_secs_f64() * 1e6 / samples.len().max(1) as f64,
             client_calls: None,
+            round_p50_ms: Vec::new(),
             round_p99_ms: Vec::new(),
         }
     }
@@ -67,6 +71,22 @@ pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// The median over rounds of `a[i] / b[i]`, each round's figure for one server divided by
+/// the other's from the same round (`None` without a round). Rounds are paired because the
+/// two servers of a round ran back to back, under the same load from the rest of the
+/// machine; the median, because on a shared machine a stall lands in one server's window
+/// now and then, and a percentile pooled over all rounds is set by those few windows.
+pub fn paired_median(a: &[f64], b: &[f64]) -> Option<f64> {
+    let mut ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+    ratios.sort_unstable_by(f64::total_cmp);
+    let mid = ratios.len() / 2;
+    match ratios.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(ratios[mid]),
+        _ => Some((ratios[mid - 1] + ratios[mid]) / 2.0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +107,19 @@ mod tests {
         assert_eq!(s.mean_ms, 50.5);
         assert_eq!(s.server_cpu_us, 100.0);
         assert_eq!(s.client_calls, Some([30, 70]));
+    }
+
+    #[test]
+    fn paired_median_of_rounds() {
+        assert_eq!(paired_median(&[], &[]), None);
+        assert_eq!(paired_median(&[3.0], &[2.0]), Some(1.5));
+        // Rounds are paired by position, not sorted apart: 2/1, 4/4, 9/3.
+        assert_eq!(paired_median(&[2.0, 4.0, 9.0], &[1.0, 4.0, 3.0]), Some(2.0));
+        assert_eq!(paired_median(&[1.0, 3.0], &[1.0, 1.0]), Some(2.0));
+        // One round where a stall hit one server moves the median by one rank, not by the
+        // stall: pooled, its 40 ms would be the first server's p99.
+        let a = [1.1, 1.2, 40.0, 1.0, 1.3];
+        let b = [1.0, 1.0, 1.0, 1.0, 1.0];
+        assert_eq!(paired_median(&a, &b), Some(1.2));
     }
 }
