@@ -60,6 +60,9 @@ pub enum Command {
         /// Unix socket to serve on.
         #[arg(long)]
         socket: PathBuf,
+        /// Busy-wait this long in every call before answering (`bench --calibrate-spin`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        spin: Option<Duration>,
     },
 }
 
@@ -567,6 +570,10 @@ pub struct BenchArgs {
     /// identical servers differ on this machine, the noise the real ratios sit in.
     #[arg(long)]
     pub calibrate: bool,
+    /// With --calibrate, the second floor busy-waits this long in every call: how the ratios
+    /// answer to that much more server CPU per call.
+    #[arg(long, requires = "calibrate", value_parser = humantime::parse_duration)]
+    pub calibrate_spin: Option<Duration>,
     /// A short smoke run: at most 0.5 s per level, one round.
     #[arg(long)]
     pub quick: bool,

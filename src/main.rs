@@ -141,8 +141,8 @@ async fn run(command: Command) -> Result<(), Failure> {
             Ok(commands::audit_verify(&file, any_start)?)
         }
         Command::Bench(args) => Ok(bench::run(args).await?),
-        Command::BenchFloor { socket } => {
-            Ok(bench::floor::serve(&socket, shutdown_signal()).await?)
+        Command::BenchFloor { socket, spin } => {
+            Ok(bench::floor::serve(&socket, spin.unwrap_or_default(), shutdown_signal()).await?)
         }
     }
 }

@@ -114,8 +114,10 @@ fn calibration_puts_a_second_floor_in_the_daemons_column() {
             "bench",
             "--quick",
             "--calibrate",
+            "--calibrate-spin",
+            "20ms",
             "--duration",
-            "200ms",
+            "300ms",
             "--levels",
             "2",
             "--jwt-levels",
@@ -126,15 +128,24 @@ fn calibration_puts_a_second_floor_in_the_daemons_column() {
             "10",
             "--node-levels",
             "1",
+            "--json",
         ])
         .output()
         .expect("run agentid bench --calibrate");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "agentid bench failed: {stderr}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("CALIBRATION (--calibrate)"), "{text}");
-    // The column is still measured: a ratio per figure, and the pooled p99 beside it.
-    assert!(text.contains("2 clients"), "{text}");
-    assert!(text.contains("p99 pooled"), "{text}");
-    assert!(text.contains("targets met:"), "{text}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(report["setup"]["calibrate"], true);
+    assert_eq!(report["setup"]["calibrate_spin_us"], 20_000.0);
+    // The daemon's column is the second floor: every call in it took the 20 ms it spins,
+    // which no daemon call takes, and the first floor does not spin.
+    for level in [&report["x509"][0], &report["jwt"][0]] {
+        let column = level["daemon"]["p50_ms"].as_f64().unwrap();
+        assert!(column >= 20.0, "{level}");
+        assert!(
+            level["floor"]["p50_ms"].as_f64().unwrap() < column,
+            "{level}"
+        );
+    }
 }

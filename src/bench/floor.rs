@@ -33,6 +33,8 @@ pub const AUDIENCE: &str = "bench";
 pub struct Floor {
     x509: pb::X509svidResponse,
     jwt: pb::JwtsvidResponse,
+    /// Busy-waited in every call before answering (zero: not at all).
+    spin: Duration,
 }
 
 impl Floor {
@@ -72,7 +74,26 @@ impl Floor {
                 hint: hint.into(),
             }],
         };
-        Ok(Self { x509, jwt })
+        Ok(Self {
+            x509,
+            jwt,
+            spin: Duration::ZERO,
+        })
+    }
+
+    /// Busy-waits `spin` in every call: server CPU added on purpose, for calibration.
+    pub fn with_spin(self, spin: Duration) -> Self {
+        Self { spin, ..self }
+    }
+
+    fn spin(&self) {
+        if self.spin.is_zero() {
+            return;
+        }
+        let start = std::time::Instant::now();
+        while start.elapsed() < self.spin {
+            std::hint::spin_loop();
+        }
     }
 
     /// The FetchX509SVID message.
@@ -104,6 +125,7 @@ impl SpiffeWorkloadApi for Floor {
         &self,
         _: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        self.spin();
         // One message, then the stream stays open (as a real one does) until the client leaves.
         let first = futures::stream::once(std::future::ready(Ok(self.x509.clone())));
         Ok(Response::new(Box::pin(
@@ -115,6 +137,7 @@ impl SpiffeWorkloadApi for Floor {
         &self,
         _: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        self.spin();
         Ok(Response::new(self.jwt.clone()))
     }
 
@@ -179,10 +202,15 @@ pub fn default_identity() -> anyhow::Result<(SpiffeId, String)> {
     Ok((e.spiffe_id, e.hint))
 }
 
-/// `agentid bench-floor`: serves the floor on `socket` until `shutdown`.
-pub async fn serve(socket: &Path, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// `agentid bench-floor`: serves the floor on `socket` until `shutdown`, busy-waiting `spin`
+/// in every call.
+pub async fn serve(
+    socket: &Path,
+    spin: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let (id, hint) = default_identity()?;
-    let floor = Floor::new(&id, &hint)?;
+    let floor = Floor::new(&id, &hint)?.with_spin(spin);
     let _ = std::fs::remove_file(socket);
     let listener =
         UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;

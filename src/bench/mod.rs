@@ -58,6 +58,9 @@ pub struct Setup {
     pub open_files_limit: u64,
     /// A second floor stood where the daemon goes (`--calibrate`).
     pub calibrate: bool,
+    /// What that floor busy-waited in every call (`--calibrate-spin`), in microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibrate_spin_us: Option<f64>,
 }
 
 /// One load level: both servers and their ratios.
@@ -152,7 +155,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let mut floor = Server::floor(&exe, dir.path())?;
     let mut daemon = if args.calibrate {
-        Server::floor_named(&exe, dir.path(), "floor-2")?
+        Server::floor_named(&exe, dir.path(), "floor-2", args.calibrate_spin)?
     } else {
         Server::daemon(&exe, dir.path())?
     };
@@ -216,6 +219,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             rounds: plan.rounds,
             open_files_limit,
             calibrate: args.calibrate,
+            calibrate_spin_us: args.calibrate_spin.map(|d| d.as_secs_f64() * 1e6),
         },
         targets: targets(&x509, &jwt, &rss, &issuance),
         x509,
@@ -374,7 +378,11 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(
             out,
             "CALIBRATION (--calibrate): a second floor stands in the daemon's column, so every\n\
-             ratio is the difference between two identical servers on this machine\n"
+             ratio is the difference between two identical servers on this machine{}\n",
+            match s.calibrate_spin_us {
+                Some(us) => format!(",\nbut for the {us:.0} us that one busy-waits in every call"),
+                None => String::new(),
+            }
         );
     }
     let target = |what: &str| r.targets.iter().find(|t| t.what == what);

@@ -72,14 +72,24 @@ impl Server {
 
     /// Starts the floor server, `agentid bench-floor`.
     pub fn floor(exe: &Path, dir: &Path) -> anyhow::Result<Self> {
-        Self::floor_named(exe, dir, "floor")
+        Self::floor_named(exe, dir, "floor", None)
     }
 
-    /// Starts a floor server named `name` (socket and log files).
-    pub fn floor_named(exe: &Path, dir: &Path, name: &'static str) -> anyhow::Result<Self> {
+    /// Starts a floor server named `name` (socket and log files) that busy-waits `spin` in
+    /// every call.
+    pub fn floor_named(
+        exe: &Path,
+        dir: &Path,
+        name: &'static str,
+        spin: Option<Duration>,
+    ) -> anyhow::Result<Self> {
         let socket = dir.join(format!("{name}.sock"));
         let mut cmd = Command::new(exe);
         cmd.arg("bench-floor").arg("--socket").arg(&socket);
+        if let Some(spin) = spin {
+            cmd.arg("--spin")
+                .arg(humantime::format_duration(spin).to_string());
+        }
         Self::spawn(name, cmd, socket, dir)
     }
 
