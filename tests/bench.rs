@@ -6,32 +6,37 @@ mod common;
 
 use std::process::Command;
 
-#[test]
-fn quick_bench_reports_every_figure_against_the_floor() {
+/// Runs `agentid bench --json` with `args` and returns its report.
+fn bench_json(args: &[&str]) -> serde_json::Value {
     let out = Command::new(common::bin())
-        .args([
-            "bench",
-            "--quick",
-            "--duration",
-            "200ms",
-            "--levels",
-            "1,3",
-            "--jwt-levels",
-            "2",
-            "--streams",
-            "20",
-            "--pod-levels",
-            "10,300",
-            "--node-levels",
-            "1,3",
-            "--json",
-        ])
+        .arg("bench")
+        .args(args)
+        .arg("--json")
         .output()
         .expect("run agentid bench");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "agentid bench failed: {stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn quick_bench_reports_every_figure_against_the_floor() {
+    let report = bench_json(&[
+        "--quick",
+        "--duration",
+        "200ms",
+        "--levels",
+        "1,3",
+        "--jwt-levels",
+        "2",
+        "--streams",
+        "20",
+        "--pod-levels",
+        "10,300",
+        "--node-levels",
+        "1,3",
+    ]);
 
     let x509 = report["x509"].as_array().unwrap();
     assert_eq!(x509.len(), 2);
@@ -109,33 +114,24 @@ fn quick_bench_reports_every_figure_against_the_floor() {
 
 #[test]
 fn calibration_puts_a_second_floor_in_the_daemons_column() {
-    let out = Command::new(common::bin())
-        .args([
-            "bench",
-            "--quick",
-            "--calibrate",
-            "--calibrate-spin",
-            "20ms",
-            "--duration",
-            "300ms",
-            "--levels",
-            "2",
-            "--jwt-levels",
-            "1",
-            "--streams",
-            "5",
-            "--pod-levels",
-            "10",
-            "--node-levels",
-            "1",
-            "--json",
-        ])
-        .output()
-        .expect("run agentid bench --calibrate");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "agentid bench failed: {stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    let report = bench_json(&[
+        "--quick",
+        "--calibrate",
+        "--calibrate-spin",
+        "20ms",
+        "--duration",
+        "300ms",
+        "--levels",
+        "2",
+        "--jwt-levels",
+        "1",
+        "--streams",
+        "5",
+        "--pod-levels",
+        "10",
+        "--node-levels",
+        "1",
+    ]);
     assert_eq!(report["setup"]["calibrate"], true);
     assert_eq!(report["setup"]["calibrate_spin_us"], 20_000.0);
     // The daemon's column is the second floor: every call in it took the 20 ms it spins,
