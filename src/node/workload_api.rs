@@ -89,10 +89,10 @@ pub struct WorkloadApiState {
 }
 
 /// The X.509 bundles as every X509-SVID answer carries them: the DER certificates of each
-/// trust domain, concatenated.
+/// trust domain, concatenated, in buffers each answer shares rather than copies.
 struct BundleDers {
     own: Bytes,
-    federated: HashMap<String, Vec<u8>>,
+    federated: HashMap<String, Bytes>,
 }
 
 /// [`BundleDers`] made once per set of bundles (keyed by its `Arc`, which the memo holds so
@@ -113,6 +113,7 @@ impl BundleDerMemo {
                         .iter()
                         .map(|(td, b)| (td.id_string(), b.x509_der()))
                         .filter(|(_, der)| !der.is_empty())
+                        .map(|(td, der)| (td, der.into()))
                         .collect(),
                 });
                 *memo = Some((bundles.clone(), ders.clone()));
@@ -631,7 +632,7 @@ impl WorkloadApi {
         // Read after the SVIDs: the issuer publishes a new CA before it hands back anything it
         // signed, so this bundle holds the CA of every SVID above (after an emergency rotation
         // too, when the CA is published the moment it starts signing).
-        let ders = self.bundle_ders.of(&self.bundles.borrow().clone());
+        let ders = self.bundle_ders.of(&self.bundles.borrow());
         for s in &mut svids {
             s.bundle = ders.own.clone();
         }
@@ -1226,11 +1227,18 @@ mod tests {
         let td = TrustDomain::new("example.org").unwrap();
         let authority =
             Authority::open(dir.path(), td.clone(), AuthorityConfig::default()).unwrap();
+        let peer_td = TrustDomain::new("peer.example").unwrap();
+        let peer = Authority::open(
+            &dir.path().join("peer"),
+            peer_td.clone(),
+            AuthorityConfig::default(),
+        )
+        .unwrap();
         let bundles_now = |authority: &Authority| {
             Arc::new(TrustBundles {
                 trust_domain: td.clone(),
                 own: authority.bundle(),
-                federated: Default::default(),
+                federated: [(peer_td.clone(), peer.bundle())].into(),
             })
         };
         let memo = BundleDerMemo::default();
@@ -1238,6 +1246,11 @@ mod tests {
         let der = memo.of(&first).own.clone();
         assert_eq!(der, first.own.x509_der());
         assert_eq!(memo.of(&first).own.as_ptr(), der.as_ptr(), "made once");
+        // The federated bundles too: every answer shares one buffer per trust domain.
+        let peer_der = memo.of(&first).federated[&peer_td.id_string()].clone();
+        assert_eq!(peer_der, peer.bundle().x509_der());
+        let again = memo.of(&first).federated[&peer_td.id_string()].clone();
+        assert_eq!(again.as_ptr(), peer_der.as_ptr(), "shared, not copied");
 
         authority
             .rotate_now(crate::server::KeyKind::X509Ca)
