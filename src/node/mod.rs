@@ -1,4 +1,5 @@
 //! The node daemon: serves the SPIFFE Workload API on a Unix socket and attests callers.
+pub mod answer;
 pub mod attest;
 pub mod cache;
 pub mod composite;
@@ -11,6 +12,7 @@ pub mod k8s;
 pub mod peer;
 pub mod remote;
 pub mod run;
+pub mod security_header;
 pub mod uds;
 pub mod workload_api;
 
@@ -21,10 +23,11 @@ use tokio::sync::oneshot;
 use tonic::transport::Server;
 
 use crate::api::delegation::delegation_server::DelegationServer;
-use crate::api::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use answer::server::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use delegation::DelegationApi;
+use security_header::RequireSecurityHeader;
 use uds::WorkloadSocket;
-use workload_api::{WorkloadApi, check_security_header};
+use workload_api::WorkloadApi;
 
 /// How long shutdown waits for open connections to finish before closing them.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
@@ -65,9 +68,9 @@ pub async fn serve(
         streams.cancel();
         let _ = draining_tx.send(());
     };
-    let workload = SpiffeWorkloadApiServer::with_interceptor(api, check_security_header);
+    let workload = RequireSecurityHeader(SpiffeWorkloadApiServer::new(api));
     // Same socket, same header rule: a browser or a confused proxy cannot mint tokens either.
-    let delegation = DelegationServer::with_interceptor(delegation, check_security_header);
+    let delegation = RequireSecurityHeader(DelegationServer::new(delegation));
     let server = Server::builder()
         .add_service(health)
         .add_service(reflection)

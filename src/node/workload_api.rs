@@ -4,10 +4,9 @@
 //! security header. Streams carry the complete current state in every message and are
 //! re-evaluated whenever an SVID rotates, a bundle changes or the policies change.
 
-use prost::bytes::Bytes;
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
@@ -15,9 +14,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prost_types::value::Kind;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::{Ascii, MetadataKey};
 use tonic::{Request, Response, Status};
 
+use super::answer::server::spiffe_workload_api_server::SpiffeWorkloadApi;
+use super::answer::{AnswerBundles, AnswerSvid, X509Answer};
 use super::attest::{WorkloadAttestor, resolve_user_name};
 use super::cache::{Hold, IssueContext, JwtKey, SvidCache, SvidKeyRef};
 use super::composite::{ComposeError, Composed, Composer};
@@ -34,25 +34,8 @@ use crate::policy::{
 };
 use crate::spiffe::{SpiffeId, TrustDomain};
 
-/// gRPC metadata every Workload API request must carry (value exactly `true`).
-pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 /// The message clients (and the rust `spiffe` crate) recognise as "no identity".
 pub const NO_IDENTITY: &str = "no identity issued";
-
-/// Rejects requests without the security header, before any attestation (EP-06, EP-07, G-7).
-#[allow(clippy::result_large_err)]
-pub fn check_security_header(req: Request<()>) -> Result<Request<()>, Status> {
-    // Parsed once: looked up by its text, the name would be parsed again on every request.
-    static KEY: LazyLock<MetadataKey<Ascii>> =
-        LazyLock::new(|| MetadataKey::from_static(SECURITY_HEADER));
-    let mut values = req.metadata().get_all(&*KEY).iter();
-    match (values.next(), values.next()) {
-        (Some(v), None) if v == "true" => Ok(req),
-        _ => Err(Status::invalid_argument(
-            "security header missing from request",
-        )),
-    }
-}
 
 /// The service: a handle to its state, cloned for every open stream (one reference count,
 /// where a copy of the state would take one per part, on every call).
@@ -85,39 +68,23 @@ pub struct WorkloadApiState {
     changes: Arc<OnceLock<watch::Receiver<()>>>,
     /// Cancelled at shutdown: open streams end so the server can drain.
     shutdown: CancellationToken,
-    bundle_ders: Arc<BundleDerMemo>,
+    answer_bundles: Arc<BundleMemo>,
 }
 
-/// The X.509 bundles as every X509-SVID answer carries them: the DER certificates of each
-/// trust domain, concatenated, in buffers each answer shares rather than copies.
-struct BundleDers {
-    own: Bytes,
-    federated: HashMap<String, Bytes>,
-}
-
-/// [`BundleDers`] made once per set of bundles (keyed by its `Arc`, which the memo holds so
-/// the address cannot be reused), rather than concatenated again for every answer.
+/// [`AnswerBundles`] made once per set of bundles (keyed by its `Arc`, which the memo holds so
+/// the address cannot be reused), rather than again for every answer.
 #[derive(Default)]
-struct BundleDerMemo(std::sync::Mutex<Option<(Arc<TrustBundles>, Arc<BundleDers>)>>);
+struct BundleMemo(std::sync::Mutex<Option<(Arc<TrustBundles>, Arc<AnswerBundles>)>>);
 
-impl BundleDerMemo {
-    fn of(&self, bundles: &Arc<TrustBundles>) -> Arc<BundleDers> {
-        let mut memo = self.0.lock().expect("bundle DER");
+impl BundleMemo {
+    fn of(&self, bundles: &Arc<TrustBundles>) -> Arc<AnswerBundles> {
+        let mut memo = self.0.lock().expect("bundle memo");
         match &*memo {
-            Some((seen, ders)) if Arc::ptr_eq(seen, bundles) => ders.clone(),
+            Some((seen, made)) if Arc::ptr_eq(seen, bundles) => made.clone(),
             _ => {
-                let ders = Arc::new(BundleDers {
-                    own: bundles.own.x509_der().into(),
-                    federated: bundles
-                        .federated
-                        .iter()
-                        .map(|(td, b)| (td.id_string(), b.x509_der()))
-                        .filter(|(_, der)| !der.is_empty())
-                        .map(|(td, der)| (td, der.into()))
-                        .collect(),
-                });
-                *memo = Some((bundles.clone(), ders.clone()));
-                ders
+                let made = Arc::new(AnswerBundles::new(bundles));
+                *memo = Some((bundles.clone(), made.clone()));
+                made
             }
         }
     }
@@ -285,7 +252,7 @@ impl WorkloadApi {
             entitlements: Arc::new(EntitlementCache::new(ENTITLEMENT_CACHE_MAX)),
             changes: Arc::default(),
             shutdown: CancellationToken::new(),
-            bundle_ders: Arc::default(),
+            answer_bundles: Arc::default(),
         }))
     }
 
@@ -591,10 +558,7 @@ impl WorkloadApi {
     }
 
     /// The full-state X509-SVID message for `caller`, and the cache keys it is built from.
-    async fn x509_response(
-        &self,
-        caller: &Entitled,
-    ) -> Result<(pb::X509svidResponse, Vec<Hold>), Status> {
+    async fn x509_response(&self, caller: &Entitled) -> Result<(X509Answer, Vec<Hold>), Status> {
         let mut svids = Vec::with_capacity(caller.issuable.len());
         let mut holds = Vec::with_capacity(caller.issuable.len());
         let mut last_error = None;
@@ -607,12 +571,9 @@ impl WorkloadApi {
             };
             match self.cache.x509(key, caller.context(self, i)).await {
                 Ok((svid, hold)) => {
-                    svids.push(pb::X509svid {
-                        spiffe_id: String::from(&svid.spiffe_id),
-                        x509_svid: svid.chain_der.clone(),
-                        x509_svid_key: svid.key_pkcs8.clone(),
-                        bundle: Bytes::new(),
-                        hint: e.hint.clone(),
+                    svids.push(AnswerSvid {
+                        svid,
+                        granted_by: e.clone(),
                     });
                     holds.push(hold);
                 }
@@ -632,16 +593,8 @@ impl WorkloadApi {
         // Read after the SVIDs: the issuer publishes a new CA before it hands back anything it
         // signed, so this bundle holds the CA of every SVID above (after an emergency rotation
         // too, when the CA is published the moment it starts signing).
-        let ders = self.bundle_ders.of(&self.bundles.borrow());
-        for s in &mut svids {
-            s.bundle = ders.own.clone();
-        }
-        let msg = pb::X509svidResponse {
-            svids,
-            crl: Vec::new(),
-            federated_bundles: ders.federated.clone(),
-        };
-        Ok((msg, holds))
+        let bundles = self.answer_bundles.of(&self.bundles.borrow());
+        Ok((X509Answer::new(svids, bundles), holds))
     }
 }
 
@@ -701,8 +654,8 @@ impl Drop for StreamGuard {
 }
 
 #[tonic::async_trait]
-impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
-    type FetchX509SVIDStream = StreamOf<pb::X509svidResponse>;
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = StreamOf<X509Answer>;
     type FetchX509BundlesStream = StreamOf<pb::X509BundlesResponse>;
     type FetchJWTBundlesStream = StreamOf<pb::JwtBundlesResponse>;
     type FetchWITSVIDStream = StreamOf<pb::WitsvidResponse>;
@@ -1058,7 +1011,7 @@ struct X509Watch {
     changes: watch::Receiver<()>,
     api: WorkloadApi,
     peer: PeerInfo,
-    last: pb::X509svidResponse,
+    last: X509Answer,
 }
 
 /// What an open bundle stream keeps between messages.
@@ -1105,7 +1058,12 @@ mod tests {
     use crate::node::issuer::{IssueError, JwtRequest, SvidIssuer, X509Request};
     use crate::policy::{UnixFacts, parse_documents};
     use crate::server::{Authority, AuthorityConfig};
-    use pb::spiffe_workload_api_server::SpiffeWorkloadApi;
+    use prost::Message;
+
+    /// An answer as a client reads it.
+    fn decoded(answer: X509Answer) -> pb::X509svidResponse {
+        pb::X509svidResponse::decode(answer.encode_to_vec().as_slice()).expect("decodes")
+    }
 
     /// Attests every caller as uid 1000.
     struct Uid1000;
@@ -1210,19 +1168,20 @@ mod tests {
         issuer.open.notify_one();
 
         let mut stream = call.await.unwrap().expect("stream opens").into_inner();
-        let first = stream.next().await.unwrap().unwrap();
+        let first = decoded(stream.next().await.unwrap().unwrap());
         assert_eq!(first.svids.len(), 1, "built from the policies read first");
         let next = tokio::time::timeout(Duration::from_secs(5), stream.next())
             .await
             .expect("the change made while the first response was built is pushed")
             .unwrap()
             .unwrap();
+        let next = decoded(next);
         let ids: Vec<&str> = next.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
         assert_eq!(ids, ["spiffe://example.org/a", "spiffe://example.org/b"]);
     }
 
     #[test]
-    fn the_bundle_ders_are_made_once_per_bundle() {
+    fn the_answer_bundles_are_made_once_per_bundle() {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::new("example.org").unwrap();
         let authority =
@@ -1241,24 +1200,26 @@ mod tests {
                 federated: [(peer_td.clone(), peer.bundle())].into(),
             })
         };
-        let memo = BundleDerMemo::default();
+        let memo = BundleMemo::default();
         let first = bundles_now(&authority);
-        let der = memo.of(&first).own.clone();
-        assert_eq!(der, first.own.x509_der());
-        assert_eq!(memo.of(&first).own.as_ptr(), der.as_ptr(), "made once");
-        // The federated bundles too: every answer shares one buffer per trust domain.
-        let peer_der = memo.of(&first).federated[&peer_td.id_string()].clone();
-        assert_eq!(peer_der, peer.bundle().x509_der());
-        let again = memo.of(&first).federated[&peer_td.id_string()].clone();
-        assert_eq!(again.as_ptr(), peer_der.as_ptr(), "shared, not copied");
+        let made = memo.of(&first);
+        assert_eq!(*made, AnswerBundles::new(&first));
+        assert!(Arc::ptr_eq(&memo.of(&first), &made), "made once");
+        // An equal set of bundles in a new `Arc` (what a bundle update sends) is made again.
+        let equal = bundles_now(&authority);
+        assert!(!Arc::ptr_eq(&memo.of(&equal), &made));
 
         authority
             .rotate_now(crate::server::KeyKind::X509Ca)
             .unwrap();
         let rotated = bundles_now(&authority);
-        let new = memo.of(&rotated).own.clone();
-        assert_eq!(new, rotated.own.x509_der(), "a new bundle, a new DER");
-        assert_ne!(new, der);
+        let new = memo.of(&rotated);
+        assert_eq!(
+            *new,
+            AnswerBundles::new(&rotated),
+            "a new bundle, new parts"
+        );
+        assert_ne!(*new, *made);
     }
 
     /// Rotates the CA in an emergency (no published next CA) inside the signing call: the new
@@ -1324,7 +1285,7 @@ mod tests {
         let mut req = Request::new(pb::X509svidRequest {});
         req.extensions_mut().insert(PeerInfo::current_process());
         let mut stream = api.fetch_x509svid(req).await.unwrap().into_inner();
-        let first = stream.next().await.unwrap().unwrap();
+        let first = decoded(stream.next().await.unwrap().unwrap());
         let cas = crate::crypto::x509::split_der_chain(&first.svids[0].bundle).unwrap();
         let now = issuer.authority.bundle();
         assert_eq!(cas, now.x509_authorities, "old and new CA");

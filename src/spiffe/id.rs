@@ -142,8 +142,9 @@ impl SpiffeId {
 }
 
 impl SpiffeId {
-    /// The URI in its parts, in order: what both string forms below are made of.
-    fn uri_parts(&self) -> [&str; 3] {
+    /// The URI in its parts, in order: what its string forms are made of (the two below, and
+    /// the node's X509-SVID answers, which write the parts straight into the message).
+    pub fn uri_parts(&self) -> [&str; 3] {
         [SCHEME, &self.td.0, &self.path]
     }
 }
