@@ -6,8 +6,23 @@ use std::sync::Arc;
 use tokio::net::UnixStream;
 
 /// Kernel-reported credentials of a connected peer, taken when the connection is accepted.
+///
+/// A shared handle: every request on the connection carries it, and each call passes it on
+/// through attestation and its stream, so a copy is one reference count, not one per part.
 #[derive(Debug, Clone)]
-pub struct PeerInfo {
+pub struct PeerInfo(Arc<Peer>);
+
+impl std::ops::Deref for PeerInfo {
+    type Target = Peer;
+
+    fn deref(&self) -> &Peer {
+        &self.0
+    }
+}
+
+/// The credentials a [`PeerInfo`] shares.
+#[derive(Debug)]
+pub struct Peer {
     pub pid: i32,
     pub uid: u32,
     pub gid: u32,
@@ -16,9 +31,9 @@ pub struct PeerInfo {
     /// `/proc/<pid>/status`).
     pub groups: Option<Arc<[u32]>>,
     /// A pidfd naming exactly the peer process, to detect that it exited (pid reuse guard).
-    pidfd: Option<Arc<OwnedFd>>,
-    /// `/proc/<pid>` of exactly the peer process (see [`PeerInfo::proc_dir`]).
-    proc_dir: Option<Arc<OwnedFd>>,
+    pidfd: Option<OwnedFd>,
+    /// `/proc/<pid>` of exactly the peer process (see [`Peer::proc_dir`]).
+    proc_dir: Option<OwnedFd>,
 }
 
 /// Why peer credentials could not be read.
@@ -36,14 +51,14 @@ impl PeerInfo {
         let cred = stream.peer_cred().map_err(PeerError::Creds)?;
         let pid = cred.pid().filter(|p| *p > 0).ok_or(PeerError::NoPid)?;
         let pidfd = peer_pidfd(stream.as_raw_fd()).or_else(|| pidfd_open(pid));
-        Ok(Self {
+        Ok(Self(Arc::new(Peer {
             pid,
             uid: cred.uid(),
             gid: cred.gid(),
             groups: peer_groups(stream.as_raw_fd()).map(Arc::from),
             proc_dir: open_proc_dir(pid, pidfd.as_ref()),
-            pidfd: pidfd.map(Arc::new),
-        })
+            pidfd,
+        })))
     }
 
     /// Credentials of process `pid` as `/proc` reports them (its owner), for callers that hold
@@ -52,14 +67,14 @@ impl PeerInfo {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(format!("/proc/{pid}"))?;
         let pidfd = pidfd_open(pid);
-        Ok(Self {
+        Ok(Self(Arc::new(Peer {
             pid,
             uid: meta.uid(),
             gid: meta.gid(),
             groups: None,
             proc_dir: open_proc_dir(pid, pidfd.as_ref()),
-            pidfd: pidfd.map(Arc::new),
-        })
+            pidfd,
+        })))
     }
 
     /// Credentials for the current process (used by in-process callers and tests).
@@ -68,16 +83,32 @@ impl PeerInfo {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let pidfd = pidfd_open(pid);
-        Self {
+        Self(Arc::new(Peer {
             pid,
             uid,
             gid,
             groups: own_groups().map(Arc::from),
             proc_dir: open_proc_dir(pid, pidfd.as_ref()),
-            pidfd: pidfd.map(Arc::new),
-        }
+            pidfd,
+        }))
     }
 
+    /// The same peer with other supplementary groups, for tests of where groups come from.
+    #[cfg(test)]
+    pub fn with_groups(&self, groups: Option<&[u32]>) -> PeerInfo {
+        let dup = |fd: &Option<OwnedFd>| fd.as_ref().map(|f| f.try_clone().expect("dup"));
+        PeerInfo(Arc::new(Peer {
+            pid: self.pid,
+            uid: self.uid,
+            gid: self.gid,
+            groups: groups.map(Arc::from),
+            pidfd: dup(&self.pidfd),
+            proc_dir: dup(&self.proc_dir),
+        }))
+    }
+}
+
+impl Peer {
     /// The peer as an audit record's requester.
     pub fn requester(&self) -> crate::audit::Requester {
         crate::audit::Requester::peer(self.pid as u32, self.uid, self.gid)
@@ -96,7 +127,7 @@ impl PeerInfo {
     /// fails, even if the pid has been reused. A read through it is therefore about the peer
     /// or fails, with no liveness check afterwards. `None` without a pidfd to confirm it.
     pub fn proc_dir(&self) -> Option<BorrowedFd<'_>> {
-        self.proc_dir.as_deref().map(AsFd::as_fd)
+        self.proc_dir.as_ref().map(AsFd::as_fd)
     }
 }
 
@@ -114,7 +145,7 @@ fn pidfd_alive(fd: &OwnedFd) -> bool {
 
 /// Opens `/proc/<pid>` (a path handle, nothing read) and keeps it only if `pidfd` shows the
 /// process alive after the open: then the pid had not been reused, and the directory is its.
-fn open_proc_dir(pid: i32, pidfd: Option<&OwnedFd>) -> Option<Arc<OwnedFd>> {
+fn open_proc_dir(pid: i32, pidfd: Option<&OwnedFd>) -> Option<OwnedFd> {
     use rustix::fs::{CWD, Mode, OFlags};
     let pidfd = pidfd?;
     let dir = rustix::fs::openat(
@@ -124,7 +155,7 @@ fn open_proc_dir(pid: i32, pidfd: Option<&OwnedFd>) -> Option<Arc<OwnedFd>> {
         Mode::empty(),
     )
     .ok()?;
-    pidfd_alive(pidfd).then(|| Arc::new(dir))
+    pidfd_alive(pidfd).then_some(dir)
 }
 
 fn peer_pidfd(sock: i32) -> Option<OwnedFd> {

@@ -60,7 +60,7 @@ impl UnixAttestor {
     }
 }
 
-/// The caller's `/proc/<pid>`: its own directory handle (see [`PeerInfo::proc_dir`]), or,
+/// The caller's `/proc/<pid>`: its own directory handle (see [`Peer::proc_dir`](crate::node::peer::Peer::proc_dir)), or,
 /// without one, the path from the working directory. Entries are read with `*at` calls
 /// either way, so the two differ only in what they are relative to.
 struct ProcDir<'a> {
@@ -355,8 +355,7 @@ mod tests {
         );
         // With the groups from the socket and no executable facts asked for, nothing is read
         // from /proc at all: the liveness check still stands for the rest.
-        let mut connected = peer.clone();
-        connected.groups = Some(Arc::from(vec![4u32, 5]));
+        let connected = peer.with_groups(Some(&[4, 5]));
         let bare = attestor
             .attest(&connected, NONE)
             .await
@@ -417,10 +416,8 @@ mod tests {
         let peer = PeerInfo::current_process();
         // Without SO_PEERGROUPS the groups come from /proc/<pid>/status: the same answer.
         let from_proc = {
-            let mut p = peer.clone();
-            p.groups = None;
             attestor
-                .attest(&p, ALL)
+                .attest(&peer.with_groups(None), ALL)
                 .await
                 .unwrap()
                 .unix
