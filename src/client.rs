@@ -41,7 +41,7 @@ pub struct SecurityHeader;
 impl Interceptor for SecurityHeader {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         req.metadata_mut().insert(
-            "workload.spiffe.io",
+            crate::api::SECURITY_HEADER,
             tonic::metadata::MetadataValue::from_static("true"),
         );
         Ok(req)

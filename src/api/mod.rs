@@ -18,6 +18,10 @@ pub use v1 as delegation;
 /// The node daemon ⇄ server API (`agentid.v1.Node`, `agentid.v1.ServerAdmin`).
 pub use v1 as node;
 
+/// gRPC metadata every Workload API request must carry, with the value `true` (and the
+/// Delegation API's too: same socket, same rule).
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
 /// gRPC metadata key of a Delegation refusal: the refusing rule's name (e.g. `scope_widening`).
 pub const REFUSAL_RULE: &str = "agentid-refusal-rule";
 

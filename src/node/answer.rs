@@ -53,10 +53,7 @@ pub struct AnswerBundles {
 impl AnswerBundles {
     pub fn new(bundles: &TrustBundles) -> Self {
         let federated: HashMap<String, Bytes> = bundles
-            .federated
-            .iter()
-            .map(|(td, b)| (td.id_string(), b.x509_der()))
-            .filter(|(_, der)| !der.is_empty())
+            .federated_x509_ders()
             .map(|(td, der)| (td, der.into()))
             .collect();
         // prost writes the map: its entries are the message's field 3, and a message's wire
@@ -85,30 +82,36 @@ impl AnswerSvid {
         &self.granted_by.hint
     }
 
-    /// Length of its `X509SVID` message, `bundle` being the own bundle.
-    fn body_len(&self, bundle: &[u8]) -> usize {
+    /// Its `X509SVID` message's fields, in field order, each as the parts its value is
+    /// written from (the SPIFFE ID is never one string in memory), `bundle` being the own
+    /// bundle.
+    fn fields<'a>(&'a self, bundle: &'a [u8]) -> [(u32, [&'a [u8]; 3]); 5] {
         let s = &self.svid;
-        field_len(field::SPIFFE_ID, s.spiffe_id.len())
-            + field_len(field::X509_SVID, s.chain_der.len())
-            + field_len(field::X509_SVID_KEY, s.key_pkcs8.len())
-            + field_len(field::BUNDLE, bundle.len())
-            + field_len(field::HINT, self.hint().len())
+        let [scheme, td, path] = s.spiffe_id.uri_parts().map(str::as_bytes);
+        let one = |v: &'a [u8]| [v, &[][..], &[][..]];
+        [
+            (field::SPIFFE_ID, [scheme, td, path]),
+            (field::X509_SVID, one(&s.chain_der)),
+            (field::X509_SVID_KEY, one(&s.key_pkcs8)),
+            (field::BUNDLE, one(bundle)),
+            (field::HINT, one(self.hint().as_bytes())),
+        ]
+    }
+
+    /// Length of its `X509SVID` message.
+    fn body_len(&self, bundle: &[u8]) -> usize {
+        self.fields(bundle)
+            .iter()
+            .map(|(tag, parts)| field_len(*tag, parts))
+            .sum()
     }
 
     fn encode(&self, bundle: &[u8], buf: &mut impl BufMut) {
-        let s = &self.svid;
         encode_key(field::SVIDS, WireType::LengthDelimited, buf);
         encode_varint(self.body_len(bundle) as u64, buf);
-        // Written from its parts: the ID is never one string in memory.
-        encode_key(field::SPIFFE_ID, WireType::LengthDelimited, buf);
-        encode_varint(s.spiffe_id.len() as u64, buf);
-        for part in s.spiffe_id.uri_parts() {
-            buf.put_slice(part.as_bytes());
+        for (tag, parts) in self.fields(bundle) {
+            put_field(tag, &parts, buf);
         }
-        put_field(field::X509_SVID, &s.chain_der, buf);
-        put_field(field::X509_SVID_KEY, &s.key_pkcs8, buf);
-        put_field(field::BUNDLE, bundle, buf);
-        put_field(field::HINT, self.hint().as_bytes(), buf);
     }
 }
 
@@ -186,20 +189,22 @@ impl Message for X509Answer {
     }
 }
 
-/// A string or bytes field, left out when empty (proto3 default), as prost writes it.
-fn put_field(tag: u32, data: &[u8], buf: &mut impl BufMut) {
-    if !data.is_empty() {
+/// A string or bytes field whose value is `parts` concatenated, left out when empty (proto3
+/// default), as prost writes it.
+fn put_field(tag: u32, parts: &[&[u8]], buf: &mut impl BufMut) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len > 0 {
         encode_key(tag, WireType::LengthDelimited, buf);
-        encode_varint(data.len() as u64, buf);
-        buf.put_slice(data);
+        encode_varint(len as u64, buf);
+        parts.iter().for_each(|p| buf.put_slice(p));
     }
 }
 
-fn field_len(tag: u32, len: usize) -> usize {
-    if len == 0 {
-        0
-    } else {
-        key_len(tag) + encoded_len_varint(len as u64) + len
+/// The length [`put_field`] writes.
+fn field_len(tag: u32, parts: &[&[u8]]) -> usize {
+    match parts.iter().map(|p| p.len()).sum() {
+        0 => 0,
+        len => key_len(tag) + encoded_len_varint(len as u64) + len,
     }
 }
 

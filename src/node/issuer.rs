@@ -111,6 +111,16 @@ impl TrustBundles {
             self.federated.get(td).map(|b| &**b)
         }
     }
+
+    /// The federated trust domains' X.509 authorities as the Workload API's bundle maps carry
+    /// them: keyed `spiffe://<td>`, DER certificates concatenated; a domain with none is left
+    /// out.
+    pub fn federated_x509_ders(&self) -> impl Iterator<Item = (String, Vec<u8>)> + '_ {
+        self.federated
+            .iter()
+            .map(|(td, b)| (td.id_string(), b.x509_der()))
+            .filter(|(_, der)| !der.is_empty())
+    }
 }
 
 /// Signs SVIDs for the node daemon.

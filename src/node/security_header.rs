@@ -16,19 +16,18 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 use tower::Service;
 
-/// gRPC metadata every Workload API request must carry (value exactly `true`).
-pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+use crate::api::SECURITY_HEADER;
 
 static HEADER: HeaderName = HeaderName::from_static(SECURITY_HEADER);
 
 /// Whether `headers` carry the security header exactly once, with the value `true`.
-pub fn has_security_header(headers: &HeaderMap) -> bool {
+fn has_security_header(headers: &HeaderMap) -> bool {
     let mut values = headers.get_all(&HEADER).iter();
     matches!((values.next(), values.next()), (Some(v), None) if v == "true")
 }
 
 /// The status a request without the security header is answered with.
-pub fn missing_security_header() -> Status {
+fn missing_security_header() -> Status {
     Status::invalid_argument("security header missing from request")
 }
 

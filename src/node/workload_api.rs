@@ -618,12 +618,8 @@ fn code_name(code: tonic::Code) -> &'static str {
 
 fn x509_bundles(b: &TrustBundles) -> HashMap<String, Vec<u8>> {
     std::iter::once((b.trust_domain.id_string(), b.own.x509_der()))
-        .chain(
-            b.federated
-                .iter()
-                .map(|(td, f)| (td.id_string(), f.x509_der())),
-        )
         .filter(|(_, der)| !der.is_empty())
+        .chain(b.federated_x509_ders())
         .collect()
 }
 

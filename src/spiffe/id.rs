@@ -159,7 +159,7 @@ impl fmt::Display for SpiffeId {
 }
 
 /// The ID as a URI, in one allocation of the right size (`to_string` grows its buffer once
-/// per part). Every Workload API answer carries the ID as a string.
+/// per part). Every JWT-SVID answer carries the ID as a string.
 impl From<&SpiffeId> for String {
     fn from(id: &SpiffeId) -> String {
         id.uri_parts().concat()
